@@ -1,0 +1,205 @@
+"""The `peftlab` command line: validate, run, results, methods, migrate.
+
+Every user error ends in one line on stderr and exit code 2; a sweep exits 0 when at
+least one trial finished and 1 when all failed.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftlab import settings
+from peftlab.errors import UserError
+
+app = typer.Typer(help="peftlab: compare PEFT methods with Ray Tune, MLflow and a SQL results store.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def user_errors(command):
+    """Turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+SpecArg = Annotated[Path, typer.Argument(help="The experiment's YAML spec.")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Results store URL (else $PEFTLAB_STORE_URL, else ./peftlab-runs/results.db).")]
+TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else ./peftlab-runs/mlflow.db).")]
+
+
+def _plan_table(spec) -> Table:
+    from peftlab.search import describe_leaves, plan
+
+    table = Table(title=f"{spec.name}: trial plan", title_justify="left")
+    for column in ("task", "domain", "metric", "method", "search space", "trials"):
+        table.add_column(column, overflow="fold")
+    for task_plan in plan(spec):
+        task = task_plan.task
+        for method, space in task_plan.spaces.items():
+            if task_plan.configs is not None:
+                count = str(sum(1 for c in task_plan.configs if c["method"] == method))
+            else:
+                count = "chosen by TPE"
+            table.add_row(task.label, task.domain or "-", f"{task_plan.metric} ({task_plan.mode})",
+                          method, describe_leaves(space.leaves), count)
+        table.add_row("", "", "", "[bold]total[/]", f"{spec.search.algorithm} search, {spec.search.scheduler} "
+                      f"scheduler, seeds {spec.training.seeds}", f"[bold]{task_plan.num_trials}[/]")
+    return table
+
+
+@app.command()
+@user_errors
+def validate(spec_path: SpecArg) -> None:
+    """Check a spec (data, model, methods) and print the trial plan; exit 2 on error."""
+    from peftlab.driver import preflight
+    from peftlab.spec import load_spec
+
+    spec = load_spec(spec_path)
+    preflight(spec, source=str(spec_path))
+    console.print(_plan_table(spec))
+    console.print(f"[green]ok[/]: {spec_path} is valid")
+
+
+@app.command()
+@user_errors
+def run(
+    spec_path: SpecArg,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (else $RAY_ADDRESS, else a local instance).")] = None,
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Shrink steps, samples and seeds for a quick end-to-end check.")] = False,
+) -> None:
+    """Run a sweep: live progress, then the leaderboard."""
+    from peftlab.driver import run_sweep
+    from peftlab.driver import smoke as shrink
+    from peftlab.progress import leaderboard_table
+    from peftlab.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if smoke:
+        spec = shrink(spec)
+    console.print(_plan_table(spec))
+    outcome = run_sweep(spec, address=address, store_url=store, tracking_uri=tracking_uri,
+                        console=console, source=str(spec_path))
+    console.print(leaderboard_table(outcome.leaderboard))
+    counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(outcome.counts.items()))
+    console.print(f"{outcome.experiment}: {counts or 'no trials'}; results in {settings.store_url(store)}")
+    if not outcome.succeeded:
+        err_console.print("error: every trial failed; see `peftlab results` for the reasons")
+        raise typer.Exit(1)
+
+
+def _open_store(url: str | None):
+    from peftlab.store import ResultsStore
+
+    url = settings.store_url(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UserError(f"no results store at {url}: run a sweep first (peftlab run SPEC)")
+    return ResultsStore(url, migrate=False)
+
+
+@app.command()
+@user_errors
+def results(
+    name: Annotated[Optional[str], typer.Argument(help="Experiment name (default: the latest).")] = None,
+    store: StoreOpt = None,
+    format: Annotated[Format, typer.Option("--format", help="table, csv or json.")] = Format.table,
+) -> None:
+    """The leaderboard of an experiment from the results store."""
+    from peftlab.progress import leaderboard_table
+
+    results_store = _open_store(store)
+    experiments = results_store.experiments()
+    if not experiments:
+        raise UserError("the results store holds no experiments yet")
+    if name is None:
+        name = max(experiments, key=lambda e: e.created_at).name
+    elif results_store.get_experiment(name) is None:
+        known = ", ".join(e.name for e in experiments)
+        raise UserError(f"no experiment named '{name}' (known: {known})")
+    rows = results_store.leaderboard(name)
+    if format is Format.table:
+        console.print(leaderboard_table(rows))
+        failed = results_store.trials(name, status="FAILED")
+        for trial in failed:
+            console.print(f"  failed {trial.method} {trial.trial_id}: {trial.error}", highlight=False)
+        return
+    records = [asdict(row) for row in rows]
+    if format is Format.json:
+        sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["task", "method"])
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in record.items()})
+    sys.stdout.write(buffer.getvalue())
+
+
+@app.command()
+@user_errors
+def methods(format: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table) -> None:
+    """Registered PEFT methods: hyperparameters with defaults, parameter formula, mergeability."""
+    from peftlab.workers.methods import all_methods
+
+    described = [
+        {
+            "name": m.name, "summary": m.summary, "mergeable": m.mergeable, "formula": m.formula,
+            "paper": m.paper,
+            "hyperparameters": {h.name: {"default": h.default, "doc": h.doc} for h in m.all_hparams().values()},
+        }
+        for m in all_methods().values()
+    ]
+    if format is Format.json:
+        sys.stdout.write(json.dumps(described, indent=2, default=str) + "\n")
+        return
+    if format is Format.csv:
+        raise UserError("methods prints as table or json")
+    table = Table(title="Registered methods", title_justify="left", show_lines=True)
+    for column in ("method", "trains", "hyperparameters (default)", "params formula", "mergeable"):
+        table.add_column(column, overflow="fold")
+    for m in described:
+        hps = ", ".join(f"{k}={v['default']}" for k, v in m["hyperparameters"].items())
+        table.add_row(m["name"], m["summary"], hps, m["formula"], "yes" if m["mergeable"] else "no")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def migrate(store: StoreOpt = None) -> None:
+    """Bring a results store to the current schema."""
+    from peftlab.store import migrate as run_migrations
+
+    url = settings.store_url(store)
+    run_migrations(url)
+    console.print(f"{url}: at the current schema")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""Live progress of a sweep in the terminal, and the leaderboard printed at its end.
+
+The progress callback counts trials by state and tracks the best result so far; each
+finished trial also gets one plain line, so logs read well where there is no terminal.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from ray.tune import Callback
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from peftlab.search import TaskPlan
+from peftlab.store import LeaderboardRow
+
+
+def _short(hparams: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k}={fmt(v)}" for k, v in hparams.items())
+
+
+class SweepProgress(Callback):
+    """Pending / running / done / early-stopped / failed, and the best so far."""
+
+    def __init__(self, task_plan: TaskPlan, max_steps: int) -> None:
+        self.plan, self.max_steps = task_plan, max_steps
+        self.state: dict[str, str] = {}
+        self.best: tuple[float, str] | None = None
+        self.started = time.monotonic()
+        self._live: Live | None = None
+
+    # Tune pickles callbacks with the experiment state; the terminal is not picklable.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None}
+
+    @property
+    def console(self) -> Console:
+        return self.live.console
+
+    @property
+    def live(self) -> Live:
+        if self._live is None:
+            self._live = Live(self._render(), console=Console(width=None if sys.stdout.isatty() else 160), refresh_per_second=2, transient=True)
+        return self._live
+
+    def _render(self) -> Table:
+        counts = {s: list(self.state.values()).count(s) for s in ("running", "done", "early-stopped", "failed")}
+        pending = self.plan.num_trials - len(self.state)
+        table = Table(title=f"{self.plan.task.label}: {self.plan.metric} ({self.plan.mode})", title_justify="left")
+        for column in ("pending", "running", "done", "early-stopped", "failed", "best so far", "elapsed"):
+            table.add_column(column)
+        best = f"{self.best[0]:.4f}  {self.best[1]}" if self.best else "-"
+        elapsed = f"{time.monotonic() - self.started:.0f}s"
+        table.add_row(str(pending), *(str(counts[s]) for s in counts), best, elapsed)
+        return table
+
+    def _update(self) -> None:
+        self.live.update(self._render())
+
+    def setup(self, **info) -> None:
+        self.live.start()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.state[trial.trial_id] = "running"
+        self._update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.plan.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            if self.best is None or (value > self.best[0] if self.plan.mode == "max" else value < self.best[0]):
+                self.best = (value, trial.config["method"])
+        self._update()
+
+    def _line(self, trial, state: str, detail: str) -> None:
+        self.state[trial.trial_id] = state
+        config = trial.config
+        self.console.print(f"  {state:<13} {config['method']:<14} {_short(config.get(config['method'], {}))}  {detail}",
+                           highlight=False)
+        self._update()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        state = "done" if last.get("step") == self.max_steps else "early-stopped"
+        value = last.get(self.plan.metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        self._line(trial, state, f"{self.plan.metric}={shown} at step {last.get('step', 0)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        from peftlab.recorder import error_reason
+
+        self._line(trial, "failed", error_reason(trial.get_error()))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.live.stop()
+        self.console.print(self._render())
+
+
+def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> Table:
+    table = Table(title="Leaderboard: best trial per method", title_justify="left")
+    for column in ("task", "method", metric or "objective", "trainable", "% of model",
+                   "peak memory", "train time", "samples/s", "trials", "config"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row.task, row.method, f"{row.objective:.4f}", f"{row.trainable_params:,}",
+            f"{row.trainable_pct:.3f}%", _mib(row.peak_memory_bytes),
+            f"{row.train_seconds:.1f}s" if row.train_seconds is not None else "-",
+            f"{row.samples_per_second:.1f}" if row.samples_per_second is not None else "-",
+            str(row.n_trials), _short(row.hparams),
+        )
+    return table
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:.0f} MiB" if value else "-"
+

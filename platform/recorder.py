@@ -1,0 +1,127 @@
+"""A Ray Tune callback that records every trial in the results store and in MLflow.
+
+It runs in the driver process, so both SQLite databases have exactly one writer; rows are
+keyed by the Ray trial id and upserted, so a retried or resumed trial never duplicates.
+"""
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+
+from ray.tune import Callback
+
+from peftlab import settings
+from peftlab.search import TaskPlan
+from peftlab.store import ResultsStore, TrialRecord, TrialStatus
+from peftlab.tracking import Tracker
+from peftlab.workers.methods import get_method
+from peftlab.workers.trial import hparams_of, seed_of
+
+CURVE_PREFIXES = ("eval/", "train/")
+COST_KEYS = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
+             "peak_memory_bytes", "train_seconds", "samples_per_second")
+MLFLOW_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.EARLY_STOPPED: "KILLED",
+                 TrialStatus.FAILED: "FAILED"}
+
+
+def error_reason(trace: str | None) -> str:
+    """The last line of a remote traceback, without the exception's module path."""
+    lines = [line.strip() for line in (trace or "").splitlines() if line.strip()]
+    if not lines:
+        return "trial failed without an error message"
+    return re.sub(r"^(?:[\w]+\.)+(?=\w+(?:Error|Exception|Loss)?:)", "", lines[-1])
+
+
+class Recorder(Callback):
+    """Writes trial rows, metric curves and MLflow runs as Tune reports them."""
+
+    def __init__(self, store_url: str, tracking_uri: str, *, experiment: str, model: str,
+                 task_plan: TaskPlan, seeds: list[int], spec_hash: str, max_steps: int) -> None:
+        self.store_url, self.tracking_uri = store_url, tracking_uri
+        self._store: ResultsStore | None = None
+        self._tracker: Tracker | None = None
+        self.experiment, self.model, self.plan = experiment, model, task_plan
+        self.seeds, self.spec_hash, self.max_steps = seeds, spec_hash, max_steps
+        self.records: dict[str, TrialRecord] = {}
+        self.runs: dict[str, str] = {}
+        self.best: dict[str, float] = {}
+
+    # Tune pickles its callbacks with the experiment state (for `peftlab resume`), so the
+    # connections are opened lazily and left out of the pickle.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None, "_tracker": None}
+
+    @property
+    def store(self) -> ResultsStore:
+        if self._store is None:
+            self._store = ResultsStore(self.store_url)
+        return self._store
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment, artifact_root=settings.mlflow_artifacts())
+        return self._tracker
+
+    def _better(self, new: float, old: float | None) -> bool:
+        return old is None or (new > old if self.plan.mode == "max" else new < old)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        config = trial.config
+        method = get_method(config["method"])
+        hparams = method.resolve(hparams_of(config))
+        seed = seed_of(config, self.seeds)
+        task = self.plan.task
+        tags = {"peftlab.method": method.name, "peftlab.task": task.label,
+                "peftlab.domain": task.domain or "", "peftlab.dataset": task.dataset,
+                "peftlab.model": self.model, "peftlab.spec_hash": self.spec_hash,
+                "peftlab.trial_id": trial.trial_id}
+        run_id = self.runs.get(trial.trial_id) or self.tracker.start_run(
+            f"{task.label}-{method.name}-{trial.trial_id}", tags, {"method": method.name, "seed": seed, **hparams})
+        self.runs[trial.trial_id] = run_id
+        record = TrialRecord(
+            trial_id=trial.trial_id, experiment=self.experiment, task=task.label,
+            domain=task.domain, dataset=task.dataset, model=self.model, method=method.name,
+            seed=seed, hparams=hparams, status=TrialStatus.RUNNING, mlflow_run_id=run_id,
+            started_at=datetime.now(timezone.utc), final_metrics={}, best_metrics={},
+        )
+        self.records[trial.trial_id] = record
+        self.store.upsert_trial(record)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        record = self.records[trial.trial_id]
+        step = int(result["step"])
+        curve = {k: float(v) for k, v in result.items() if k.startswith(CURVE_PREFIXES)}
+        self.store.add_metrics(trial.trial_id, step, curve)
+        self.tracker.log_metrics(self.runs[trial.trial_id], curve, step)
+        value = result.get(self.plan.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.objective):
+            record.objective, record.best_metrics = float(value), {**curve, "step": step}
+        record.final_metrics = {**curve, "step": step}
+        record.steps = step
+        record.node = result.get("node")
+        for key in COST_KEYS:
+            if key in result:
+                setattr(record, key, result[key])
+        self.store.upsert_trial(record)
+
+    def _finish(self, trial, status: TrialStatus, error: str | None = None) -> None:
+        record = self.records.get(trial.trial_id)
+        if record is None:  # failed before it started (e.g. the actor could not be placed)
+            self.on_trial_start(0, [], trial)
+            record = self.records[trial.trial_id]
+        record.status, record.error = status, error
+        record.finished_at = datetime.now(timezone.utc)
+        self.store.upsert_trial(record)
+        summary = {k: v for k, v in (record.final_metrics or {}).items() if k != "step"}
+        summary.update({k: getattr(record, k) for k in COST_KEYS if getattr(record, k) is not None})
+        artifact = (trial.last_result or {}).get("adapter_path")
+        self.tracker.finish(self.runs[trial.trial_id], MLFLOW_STATUS[status], summary=summary, artifact_dir=artifact)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        finished = (trial.last_result or {}).get("step") == self.max_steps
+        self._finish(trial, TrialStatus.COMPLETED if finished else TrialStatus.EARLY_STOPPED)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, TrialStatus.FAILED, error_reason(trial.get_error()))

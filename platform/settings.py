@@ -1,0 +1,57 @@
+"""Where peftlab keeps things: flags, then environment, then defaults under ./peftlab-runs/.
+
+Every path and URL the control plane needs is resolved here and nowhere else.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_STORE = "PEFTLAB_STORE_URL"
+ENV_TRACKING = "MLFLOW_TRACKING_URI"
+ENV_RAY = "RAY_ADDRESS"
+ENV_DATA = "PEFTLAB_DATA_DIR"
+ENV_HOME = "PEFTLAB_HOME"
+
+
+def home() -> Path:
+    """The folder that holds the default store, MLflow database, Ray storage and adapters."""
+    return Path(os.environ.get(ENV_HOME) or "peftlab-runs").resolve()
+
+
+def store_url(flag: str | None = None) -> str:
+    if flag:
+        return flag
+    if os.environ.get(ENV_STORE):
+        return os.environ[ENV_STORE]
+    return f"sqlite:///{home() / 'results.db'}"
+
+
+def tracking_uri(flag: str | None = None) -> str:
+    if flag:
+        return flag
+    if os.environ.get(ENV_TRACKING):
+        return os.environ[ENV_TRACKING]
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def ray_address(flag: str | None = None) -> str | None:
+    """None means: start an embedded local Ray instance."""
+    return flag or os.environ.get(ENV_RAY) or None
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get(ENV_DATA)
+    return Path(value).expanduser().resolve() if value else None
+
+
+def ray_storage() -> Path:
+    return home() / "ray"
+
+
+def adapters_dir() -> Path:
+    return home() / "adapters"
+
+
+def mlflow_artifacts() -> Path:
+    return home() / "mlartifacts"

@@ -1,0 +1,433 @@
+"""The results store: experiments, one row per trial and metric curves, in SQLite or PostgreSQL.
+
+Callers get plain dataclasses back; ORM models, sessions and migrations stay behind `ResultsStore`.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Row, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from peftlab.errors import UserError
+from peftlab.store_models import Experiment, Trial, TrialMetric
+
+Mode = Literal["max", "min"]
+
+# One upsert code path, picked by dialect name: both dialects spell ON CONFLICT the same way.
+_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+class ExperimentStatus(str, enum.Enum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+
+
+class TrialStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    EARLY_STOPPED = "EARLY_STOPPED"
+    FAILED = "FAILED"
+
+
+@dataclass(kw_only=True)
+class ExperimentRecord:
+    name: str
+    spec: dict[str, Any]
+    spec_hash: str
+    status: ExperimentStatus
+    metric: str
+    """The search metric, e.g. "eval/accuracy"; a trial's `objective` is its best value."""
+    mode: Mode
+    code_version: str
+    package_versions: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(kw_only=True)
+class TrialRecord:
+    trial_id: str
+    """The Ray trial id: writing the same id again replaces the row."""
+    experiment: str
+    """The experiment's name."""
+    task: str
+    dataset: str
+    model: str
+    method: str
+    seed: int
+    hparams: dict[str, Any]
+    status: TrialStatus
+    domain: str | None = None
+    error: str | None = None
+    trainable_params: int | None = None
+    """Parameter counts: None until the method has been applied to the model."""
+    total_params: int | None = None
+    trainable_pct: float | None = None
+    adapter_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    train_seconds: float | None = None
+    samples_per_second: float | None = None
+    steps: int | None = None
+    objective: float | None = None
+    """Best value of the experiment's search metric so far."""
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    node: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(kw_only=True)
+class LeaderboardRow:
+    task: str
+    domain: str | None
+    method: str
+    trial_id: str
+    objective: float
+    hparams: dict[str, Any]
+    trainable_params: int | None
+    trainable_pct: float | None
+    peak_memory_bytes: int | None
+    train_seconds: float | None
+    samples_per_second: float | None
+    adapter_bytes: int | None
+    status: TrialStatus
+    n_trials: int
+    """How many ranked trials (finished, with an objective) the best was chosen among."""
+
+
+_LEADERBOARD_COLUMNS = [f.name for f in fields(LeaderboardRow)]
+_RANKED_STATUSES = [TrialStatus.COMPLETED.value, TrialStatus.EARLY_STOPPED.value]
+
+
+# Non-finite floats are stored as NULL (JSON null inside JSON columns): PostgreSQL's json type
+# rejects NaN/Infinity tokens, and in SQL, NaN sorts above every number, so a diverged trial
+# would win a "max" leaderboard. A trial's status and error say why a value is missing.
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(files("peftlab.sql") / "migrations"))
+    # env.py migrates this connection, so any URL and any engine settings of ours just work.
+    config.attributes["connection"] = connection
+    return config
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None
+    if parsed is None or parsed.get_backend_name() not in _INSERTS:
+        raise UserError(
+            "results store URL must look like sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST:PORT/DB"
+        )
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default driver for postgresql:// is psycopg2; peftlab ships psycopg 3.
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+class ResultsStore:
+    """Experiments, trials and metric curves in one SQL database.
+
+    `migrate` brings the schema to the current revision first; without it, a database that is
+    not at the current revision is refused. `read_only` never migrates and refuses writes.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True, read_only: bool = False) -> None:
+        parsed = _parse_url(url)
+        self.url = parsed.render_as_string(hide_password=True)
+        self._engine = create_engine(
+            parsed, json_serializer=_json_dumps, connect_args=self._connect_args(parsed)
+        )
+        self._insert = _INSERTS[parsed.get_backend_name()]
+        event.listen(self._engine, "connect", self._on_connect(parsed, read_only))
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            self._prepare_schema(upgrade=migrate and not read_only)
+        except UserError:
+            self._engine.dispose()
+            raise
+
+    def _prepare_schema(self, *, upgrade: bool) -> None:
+        with self._session() as session:
+            connection = session.connection()
+            config = _alembic_config(connection)
+            if upgrade:
+                command.upgrade(config, "head")
+                return
+            current = set(MigrationContext.configure(connection).get_current_heads())
+            if current != set(ScriptDirectory.from_config(config).get_heads()):
+                raise UserError(
+                    f"results store {self.url} is not at the current schema; "
+                    f"run: peftlab migrate --store {self.url}"
+                )
+
+    @staticmethod
+    def _connect_args(url: URL) -> dict[str, Any]:
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return {}
+        # libpq waits forever for a host that drops packets; a dead store should fail fast.
+        return {} if "connect_timeout" in url.query else {"connect_timeout": 10}
+
+    @staticmethod
+    def _on_connect(url: URL, read_only: bool) -> Any:
+        sqlite_backend = url.get_backend_name() == "sqlite"
+
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            if sqlite_backend:
+                # WAL lets the dashboard read while trials write; writers queue up to 30 s
+                # instead of failing at once with "database is locked".
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.execute("PRAGMA busy_timeout=30000")
+                if read_only:
+                    cursor.execute("PRAGMA query_only=ON")
+            elif read_only:
+                cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                dbapi_connection.commit()
+            cursor.close()
+
+        return on_connect
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        """One transaction: commits on success, rolls back on error, names an unreachable store."""
+        with self._sessions.begin() as session:
+            try:
+                session.connection()
+            except OperationalError as exc:
+                reason = " ".join(str(exc.orig).split())
+                raise UserError(f"cannot reach results store {self.url}: {reason}") from None
+            yield session
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- experiments ---------------------------------------------------------------------------
+
+    def create_experiment(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        spec_hash: str,
+        metric: str,
+        mode: Mode,
+        code_version: str,
+        package_versions: dict[str, str],
+    ) -> ExperimentRecord:
+        """Record a new experiment, or return the existing one if its spec hash is the same."""
+        if mode not in ("max", "min"):
+            raise UserError(f"search mode must be 'max' or 'min', got {mode!r}")
+        with self._session() as session:
+            existing = session.scalar(select(Experiment).where(Experiment.name == name))
+            if existing is not None:
+                if existing.spec_hash != spec_hash:
+                    raise UserError(
+                        f"experiment {name!r} already exists with a different spec; pick a new "
+                        f"name, or continue it with: peftlab resume {name}"
+                    )
+                return _experiment_record(existing)
+            row = Experiment(
+                name=name,
+                spec=spec,
+                spec_hash=spec_hash,
+                status=ExperimentStatus.RUNNING.value,
+                metric=metric,
+                mode=mode,
+                code_version=code_version,
+                package_versions=package_versions,
+            )
+            session.add(row)
+            session.flush()
+            return _experiment_record(row)
+
+    def get_experiment(self, name: str) -> ExperimentRecord | None:
+        with self._session() as session:
+            row = session.scalar(select(Experiment).where(Experiment.name == name))
+            return None if row is None else _experiment_record(row)
+
+    def experiments(self) -> list[ExperimentRecord]:
+        with self._session() as session:
+            rows = session.scalars(select(Experiment).order_by(Experiment.id))
+            return [_experiment_record(row) for row in rows]
+
+    def set_experiment_status(self, name: str, status: ExperimentStatus) -> None:
+        with self._session() as session:
+            result = session.execute(
+                update(Experiment).where(Experiment.name == name).values(status=status.value)
+            )
+            if result.rowcount == 0:
+                raise UserError(f"no experiment named {name!r} in results store {self.url}")
+
+    def delete_experiment(self, name: str) -> None:
+        """Delete an experiment; its trials and their metrics go with it (ON DELETE CASCADE)."""
+        with self._session() as session:
+            result = session.execute(delete(Experiment).where(Experiment.name == name))
+            if result.rowcount == 0:
+                raise UserError(f"no experiment named {name!r} in results store {self.url}")
+
+    def _find_experiment(self, session: Session, name: str) -> Row[tuple[int, str]]:
+        """The experiment's (id, mode), or a UserError naming the missing experiment."""
+        row = session.execute(
+            select(Experiment.id, Experiment.mode).where(Experiment.name == name)
+        ).one_or_none()
+        if row is None:
+            raise UserError(f"no experiment named {name!r} in results store {self.url}")
+        return row
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def upsert_trial(self, record: TrialRecord) -> None:
+        """Insert or fully replace the trial with this trial_id: safe to call at every update."""
+        with self._session() as session:
+            values = asdict(record)
+            values["experiment_id"] = self._find_experiment(session, values.pop("experiment")).id
+            values["status"] = record.status.value
+            values["objective"] = _finite(record.objective)
+            stmt = self._insert(Trial).values(values)
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[Trial.trial_id],
+                    set_={key: stmt.excluded[key] for key in values if key != "trial_id"},
+                )
+            )
+
+    def add_metrics(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        """Record metric points at one step; writing a (step, name) again replaces its value."""
+        if not metrics:
+            return
+        with self._session() as session:
+            stmt = self._insert(TrialMetric).values(
+                [
+                    {"trial_id": trial_id, "step": step, "name": name, "value": _finite(value)}
+                    for name, value in metrics.items()
+                ]
+            )
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[TrialMetric.trial_id, TrialMetric.step, TrialMetric.name],
+                    set_={"value": stmt.excluded.value},
+                )
+            )
+
+    def trials(
+        self, experiment: str | None = None, *, status: TrialStatus | None = None
+    ) -> list[TrialRecord]:
+        query = select(Trial, Experiment.name).join(Experiment).order_by(Trial.trial_id)
+        if experiment is not None:
+            query = query.where(Experiment.name == experiment)
+        if status is not None:
+            query = query.where(Trial.status == status.value)
+        with self._session() as session:
+            return [_trial_record(trial, name) for trial, name in session.execute(query)]
+
+    def get_trial(self, trial_id: str) -> TrialRecord | None:
+        query = select(Trial, Experiment.name).join(Experiment).where(Trial.trial_id == trial_id)
+        with self._session() as session:
+            row = session.execute(query).one_or_none()
+            return None if row is None else _trial_record(*row)
+
+    def metrics(self, trial_id: str) -> list[tuple[int, str, float | None]]:
+        """(step, name, value) points of one trial by step then name; None stands for NaN/inf."""
+        query = (
+            select(TrialMetric.step, TrialMetric.name, TrialMetric.value)
+            .where(TrialMetric.trial_id == trial_id)
+            .order_by(TrialMetric.step, TrialMetric.name)
+        )
+        with self._session() as session:
+            return [tuple(row) for row in session.execute(query)]
+
+    def leaderboard(self, experiment: str) -> list[LeaderboardRow]:
+        """The best finished trial per (task, method) by objective, by task then best first."""
+        with self._session() as session:
+            experiment_id, mode = self._find_experiment(session, experiment)
+            pair = (Trial.task, Trial.method)
+            best_first = Trial.objective.desc() if mode == "max" else Trial.objective.asc()
+            ranked = (
+                select(
+                    Trial,
+                    func.row_number()
+                    .over(partition_by=pair, order_by=(best_first, Trial.trial_id))
+                    .label("rank"),
+                    func.count().over(partition_by=pair).label("n_trials"),
+                )
+                .where(
+                    Trial.experiment_id == experiment_id,
+                    Trial.status.in_(_RANKED_STATUSES),
+                    Trial.objective.is_not(None),
+                )
+                .subquery()
+            )
+            objective = ranked.c.objective.desc() if mode == "max" else ranked.c.objective.asc()
+            query = (
+                select(*(ranked.c[name] for name in _LEADERBOARD_COLUMNS))
+                .where(ranked.c.rank == 1)
+                .order_by(ranked.c.task, objective, ranked.c.method)
+            )
+            rows = session.execute(query).mappings().all()
+        return [LeaderboardRow(**dict(row, status=TrialStatus(row["status"]))) for row in rows]
+
+
+def _experiment_record(row: Experiment) -> ExperimentRecord:
+    return ExperimentRecord(
+        name=row.name,
+        spec=row.spec,
+        spec_hash=row.spec_hash,
+        status=ExperimentStatus(row.status),
+        metric=row.metric,
+        mode=row.mode,  # type: ignore[arg-type]  # create_experiment only writes "max"/"min"
+        code_version=row.code_version,
+        package_versions=row.package_versions,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _trial_record(row: Trial, experiment: str) -> TrialRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(TrialRecord) if f.name != "experiment"}
+    values["status"] = TrialStatus(row.status)
+    return TrialRecord(experiment=experiment, **values)
+
+
+def migrate(url: str) -> None:
+    """Bring the results store at `url` to the current schema (what `peftlab migrate` runs)."""
+    ResultsStore(url, migrate=True).close()

@@ -1,0 +1,73 @@
+"""MLflow tracking: one MLflow experiment per peftlab experiment, one run per trial.
+
+All logging happens in the driver process (see `recorder.py`), so a SQLite tracking
+database has a single writer and never hits "database is locked" (mlflow issue #6490).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import UserError
+
+
+class Tracker:
+    """A thin layer over `MlflowClient` that knows peftlab's naming and tags."""
+
+    def __init__(self, uri: str, experiment: str, *, artifact_root: Path | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        for name in ("alembic", "mlflow"):  # mlflow logs its own schema migration at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = (artifact_root / experiment).resolve().as_uri() if artifact_root else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as exc:  # mlflow raises many types for an unreachable backend
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot reach MLflow tracking at {uri}: {reason[:200]}") from None
+
+    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def finish(self, run_id: str, status: str, *, summary: dict[str, float], artifact_dir: str | None) -> None:
+        """status: FINISHED, KILLED (early-stopped) or FAILED, as MLflow names them."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        final = [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items() if _finite(v)]
+        if final:
+            self.client.log_batch(run_id, metrics=final)
+        if artifact_dir and Path(artifact_dir).is_dir():
+            self.client.log_artifacts(run_id, artifact_dir, artifact_path="adapter")
+        self.client.set_terminated(run_id, status=status)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,306 @@
+"""One contract table run through the same checks for every registered method (METHODS.md, "Verification").
+A method missing from the table fails the suite; peft-backed rows also name the plain peft config they must equal."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from peftlab.errors import UserError
+from peftlab.workers.methods import HParam, Method, TaskInfo, all_methods, get_method, register
+from tiny_models import CONFIGS, batch, build, build_meta, task_for
+
+
+# -- hand-written formulas, independent of the methods' own counting -----------------------------
+def head(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.classifier.parameters())
+
+
+def linears(model: nn.Module, keep: Callable[[str], bool]) -> list[nn.Linear]:
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n) and not n.startswith("classifier")]
+
+
+def lora_count(r: int, names: tuple[str, ...] | None, dora: bool = False) -> Callable[[nn.Module], int]:
+    """r (d_in + d_out) (+ d_out for DoRA's magnitude) per target; names None means all linear layers."""
+    keep = (lambda n: True) if names is None else (lambda n: n.rsplit(".", 1)[-1] in names)
+    return lambda m: head(m) + sum(r * (l.in_features + l.out_features) + dora * l.out_features for l in linears(m, keep))
+
+
+def ia3_count(model: nn.Module) -> int:
+    """peft's bert/roberta default: key and value scaled on their output (d_out); every layer whose name
+    ends in "output.dense" (the FFN down projection AND attention.output.dense) on its input (d_in)."""
+    out = sum(l.out_features for l in linears(model, lambda n: n.endswith((".key", ".value"))))
+    return head(model) + out + sum(l.in_features for l in linears(model, lambda n: n.endswith("output.dense")))
+
+
+@dataclass
+class Case:
+    method: str
+    hparams: dict
+    expected: Callable[[nn.Module], int]  # trainable count from the unadapted model
+    owns: Callable[[str], bool]  # names of the parameters the method trains (head included)
+    peft: Callable[[], object] | None = None  # the plain peft config it must equal
+    id: str = ""
+    shapes: tuple[str, ...] = field(default=tuple(CONFIGS))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.method
+
+
+def peft_owned(marker: str) -> Callable[[str], bool]:
+    return lambda n: marker in n or ".modules_to_save." in n
+
+
+CASES = [
+    Case("full", {}, lambda m: sum(p.numel() for p in m.parameters()), lambda n: True),
+    Case("linear_probe", {}, head, lambda n: n.startswith("classifier.")),
+    Case(
+        "bitfit", {},
+        lambda m: head(m) + sum(p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and not n.startswith("classifier.")),
+        lambda n: n.endswith(".bias") or n.startswith("classifier."),
+    ),
+    Case(
+        "lora", {"r": 4, "alpha": 8, "dropout": 0.0}, lora_count(4, ("query", "value")), peft_owned("lora_"),
+        lambda: LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]),
+    ),
+    Case(
+        "lora", {"r": 3, "target_modules": "all-linear", "use_rslora": True, "init": "gaussian"},
+        lora_count(3, None), peft_owned("lora_"),
+        lambda: LoraConfig(task_type="SEQ_CLS", r=3, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
+                           use_rslora=True, init_lora_weights="gaussian"),
+        id="lora-all-linear",
+    ),
+    Case(
+        "lora", {"r": 2, "init": "pissa", "dropout": 0.0, "target_modules": ["key", "dense"]},
+        lora_count(2, ("key", "dense")), peft_owned("lora_"),
+        lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=16, lora_dropout=0.0, target_modules=["key", "dense"],
+                           init_lora_weights="pissa"),
+        id="lora-pissa",
+    ),
+    Case(
+        "dora", {"r": 4}, lora_count(4, ("query", "value"), dora=True), peft_owned("lora_"),
+        lambda: LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
+                           use_dora=True),
+    ),
+    Case("ia3", {}, ia3_count, peft_owned("ia3_l"), lambda: IA3Config(task_type="SEQ_CLS")),
+    Case(
+        "prompt_tuning", {"num_virtual_tokens": 4},
+        lambda m: head(m) + 4 * m.config.hidden_size, peft_owned("prompt_encoder."),
+        lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+    ),
+]
+PARAMS = [pytest.param(c, s, id=f"{c.id}-{s}") for c in CASES for s in c.shapes]
+
+
+def test_every_registered_method_is_in_the_table():
+    assert {c.method for c in CASES} == set(all_methods())
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def adapted(case: Case, shape: str) -> tuple[Method, nn.Module, object, TaskInfo]:
+    config = CONFIGS[shape]()
+    method, task = get_method(case.method), task_for(config)
+    return method, method.apply(build(config), case.hparams, task), config, task
+
+
+def logits(model: nn.Module, config) -> torch.Tensor:
+    inputs = {k: v for k, v in batch(config).items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def train(model: nn.Module, config, steps: int, lr: float = 1e-2) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        opt.zero_grad()
+        model(**batch(config, seed=step)).loss.backward()
+        opt.step()
+    model.eval()
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -- the contract --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case, shape", PARAMS)
+def test_trainable_count_matches_formula(case, shape):
+    method, model, config, task = adapted(case, shape)
+    counted = sum(p.numel() for p in trainable(model).values())
+    hand = case.expected(build(config))
+    assert counted == hand
+    assert method.expected_trainable(build_meta(config), case.hparams, task) == hand  # shapes only, no weights
+
+
+@pytest.mark.parametrize("case, shape", PARAMS)
+def test_identity_at_init(case, shape):
+    method, model, config, _ = adapted(case, shape)
+    frozen = logits(build(config), config)
+    if method.identity_at_init:
+        torch.testing.assert_close(logits(model, config), frozen, atol=1e-5, rtol=0)
+    else:  # the flag must be honest both ways
+        assert not torch.allclose(logits(model, config), frozen, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, shape", PARAMS)
+def test_merge_reproduces_adapted_model(case, shape):
+    method, model, config, _ = adapted(case, shape)
+    if not method.mergeable:
+        with pytest.raises(NotImplementedError):
+            method.merge(model)
+        return
+    before = logits(model, config)
+    train(model, config, steps=5)
+    after = logits(model, config)
+    assert not torch.allclose(after, before)
+    merged = method.merge(model)
+    assert isinstance(merged, PreTrainedModel) and not isinstance(merged, PeftModel)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, config), after, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, shape", PARAMS)
+def test_only_method_parameters_get_gradients(case, shape):
+    _, model, config, task = adapted(case, shape)
+    model.train()
+    model(**batch(config)).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == set(trainable(model))
+    assert all(case.owns(n.removeprefix("base_model.model.").removeprefix("base_model.")) for n in grads)
+    assert any("classifier" in n for n in grads), "the head must train"
+
+
+@pytest.mark.parametrize("case, shape", PARAMS)
+def test_save_and_load_into_fresh_base(case, shape, tmp_path):
+    method, model, config, _ = adapted(case, shape)
+    train(model, config, steps=3)
+    expected = logits(model, config)
+    method.save(model, tmp_path)
+    loaded = method.load(build(config), tmp_path)
+    assert not trainable(loaded)
+    torch.testing.assert_close(logits(loaded, config), expected, atol=1e-6, rtol=0)
+    if case.peft is not None:
+        plain = PeftModel.from_pretrained(build(config), str(tmp_path))
+        torch.testing.assert_close(logits(plain, config), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case, shape", [p for p in PARAMS if p.values[0].peft is not None])
+def test_equals_plain_peft(case, shape):
+    _, ours, config, _ = adapted(case, shape)
+    train(ours, config, steps=3)
+    plain = get_peft_model(build(config), case.peft())
+    assert {n: p.shape for n, p in trainable(plain).items()} == {n: p.shape for n, p in trainable(ours).items()}
+    plain.load_state_dict(ours.state_dict())  # strict: same modules, same buffers
+    torch.testing.assert_close(logits(plain, config), logits(ours, config), atol=1e-6, rtol=0)
+
+
+# -- hyperparameters, applicability, sizing, registry ---------------------------------------------------
+def test_resolve_fills_defaults_and_rejects_unknown():
+    lora = get_method("lora")
+    hp = lora.resolve({"r": 4})
+    assert hp == {"r": 4, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"], "use_rslora": False,
+                  "init": "default", "lr": 5e-4, "weight_decay": 0.0}
+    with pytest.raises(UserError, match="unknown hyperparameter 'rank'.*known: r, alpha"):
+        lora.resolve({"rank": 4})
+    with pytest.raises(UserError) as err:  # every problem in one error
+        lora.resolve({"r": 0, "dropout": 2.0})
+    assert "r: 0" in str(err.value) and "dropout: 2.0" in str(err.value)
+    assert get_method("bitfit").resolve({}) == {"lr": 1e-3, "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("param, value, problem", [
+    (HParam("r", int, 8, "", low=1), "8", "expected an int"),
+    (HParam("r", int, 8, "", low=1), 8.0, "expected an int"),
+    (HParam("r", int, 8, "", low=1), True, "expected an int"),
+    (HParam("r", int, 8, "", low=1), 0, "below"),
+    (HParam("p", float, 0.1, "", low=0.0, high=1.0), 1.5, "above"),
+    (HParam("p", float, 0.1, "", low=0.0, high=1.0), "x", "expected a number"),
+    (HParam("lr", float, 1e-3, "", low=0.0, open_low=True), 0.0, "below"),
+    (HParam("b", bool, False, ""), 1, "expected true or false"),
+    (HParam("s", str, "a", "", choices=("a", "b")), "c", "not one of"),
+    (HParam("t", list, ["q"], "", choices=("all-linear",)), "query", "list of names"),
+    (HParam("t", list, ["q"], "", choices=("all-linear",)), [], "list of names"),
+    (HParam("t", list, ["q"], "", choices=("all-linear",)), [1], "list of names"),
+])
+def test_hparam_check_catches_bad_values(param, value, problem):
+    assert problem in param.check(value)
+
+
+@pytest.mark.parametrize("param, value", [
+    (HParam("p", float, 0.1, "", low=0.0, high=1.0), 1),
+    (HParam("p", float, 0.1, "", low=0.0, high=1.0), 1.0),
+    (HParam("t", list, ["q"], "", choices=("all-linear",)), "all-linear"),
+    (HParam("t", list, None, ""), None),
+])
+def test_hparam_check_accepts_good_values(param, value):
+    assert param.check(value) is None
+
+
+def test_check_applicable_names_missing_target_module():
+    model, task = build_meta(CONFIGS["bert"]()), task_for(CONFIGS["bert"]())
+    problems = get_method("lora").check_applicable(model, {"target_modules": ["query", "q_proj"]}, task)
+    assert len(problems) == 1 and "'q_proj' not found" in problems[0] and "query" in problems[0]
+    problems = get_method("ia3").check_applicable(model, {"target_modules": ["attention"]}, task)
+    assert "not a linear layer" in problems[0]
+    problems = get_method("bitfit").check_applicable(model, {}, TaskInfo("text-classification", 3, ("score",)))
+    assert "'score'" in problems[0]
+    with pytest.raises(UserError, match="q_proj"):
+        get_method("dora").apply(build(CONFIGS["bert"]()), {"target_modules": ["q_proj"]}, task)
+
+
+def test_defaults_apply_to_minilm():
+    """MiniLM is a BERT (query/key/value/dense): every method's defaults fit it as they are."""
+    from peftlab.workers.models import meta_classifier
+
+    model, task = meta_classifier("minilm", 2), TaskInfo("text-classification", 2, ("classifier",))
+    for method in all_methods().values():
+        assert method.check_applicable(model, {}, task) == [], method.name
+    # 6 layers x (query, value) x 8 x (384 + 384), plus a 384 x 2 head.
+    assert get_method("lora").expected_trainable(model, {}, task) == 6 * 2 * 8 * 768 + 384 * 2 + 2
+
+
+def test_size_for_budget_picks_closest_size():
+    config = CONFIGS["bert"]()
+    model, task, lora = build_meta(config), task_for(config), get_method("lora")
+    count = lambda r: lora.expected_trainable(model, {"r": r}, task)  # noqa: E731
+    for budget in (1, count(5), count(5) + 10, (count(6) + count(7)) // 2 + 1, 10**9):
+        r = lora.size_for_budget(model, {"alpha": 32}, task, budget)["r"]
+        assert abs(count(r) - budget) <= min(abs(count(v) - budget) for v in range(1, 200)), budget
+    hp = lora.size_for_budget(model, {"alpha": 32}, task, count(5))
+    assert hp["r"] == 5 and hp["alpha"] == 32 and hp["lr"] == lora.default_lr
+    prompt = get_method("prompt_tuning")
+    assert prompt.size_for_budget(model, {}, task, head(model) + 7 * 32)["num_virtual_tokens"] == 7
+    with pytest.raises(UserError, match="method bitfit has no size hyperparameter"):
+        get_method("bitfit").size_for_budget(model, {}, task, 1000)
+
+
+def test_prompt_tuning_text_init_uses_the_tokenizer():
+    from transformers import AutoTokenizer
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = CONFIGS["bert"](vocab_size=tokenizer.vocab_size)
+    hp = {"num_virtual_tokens": 5, "init": "text", "init_text": "great movie", "tokenizer": resolve_model("minilm")}
+    method = get_method("prompt_tuning")
+    assert "non-empty init_text" in method.check_applicable(build_meta(config), {**hp, "init_text": ""}, task_for(config))[0]
+    model = method.apply(build(config), hp, task_for(config))
+    ids = tokenizer("great movie")["input_ids"]  # peft keeps the special tokens: [CLS] great movie [SEP]
+    assert len(ids) == 4
+    expected = model.get_input_embeddings().weight[torch.tensor(ids + ids[:1])]  # repeated to length
+    torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, expected)
+
+
+def test_registry_refuses_unknown_and_duplicate_names():
+    with pytest.raises(UserError, match="unknown method 'nope'; known: bitfit, dora, full, ia3, linear_probe, lora"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(type("Again", (type(get_method("lora")),), {}))

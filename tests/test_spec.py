@@ -1,0 +1,148 @@
+"""Spec parsing and validation, search-space leaves and conditionality of sampled configs."""
+from __future__ import annotations
+
+import copy
+import random
+
+import optuna
+import pytest
+
+from peftlab.errors import SpecError, UserError
+from peftlab.search import optuna_space, plan
+from peftlab.spec import load_spec, parse_spec
+
+BASE = {
+    "name": "t",
+    "tasks": [{"dataset": "sst2"}],
+    "methods": {
+        "lora": {"r": [4, 8], "alpha": 16, "lr": {"loguniform": [1.0e-4, 3.0e-3]}, "target_modules": ["query", "value"]},
+        "bitfit": {"lr": {"uniform": [1.0e-4, 1.0e-2]}},
+        "full": {},
+    },
+}
+
+
+def with_(**changes) -> dict:
+    spec = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node = spec
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return spec
+
+
+def problems(data: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, source="s.yaml")
+    return str(info.value)
+
+
+def test_valid_spec_gets_defaults():
+    spec = parse_spec(BASE)
+    assert spec.model == "minilm"
+    assert spec.training.seeds == [0]
+    assert spec.metric_for(spec.tasks[0]) == "eval/accuracy"
+    assert spec.mode_for(spec.tasks[0]) == "max"
+    assert spec.tasks[0].label == "sst2"
+
+
+def test_spec_hash_tracks_content():
+    assert parse_spec(BASE).spec_hash() == parse_spec(BASE).spec_hash()
+    assert parse_spec(BASE).spec_hash() != parse_spec(with_(training__max_steps=7)).spec_hash()
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntasks: [\n  - {dataset: sst2\n")
+    with pytest.raises(UserError, match=r"bad.yaml: invalid YAML at line \d+, column \d+"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(UserError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"training__max_stepz": 3}, "training.max_stepz: unknown key"),
+    ({"tasks": [{"dataset": "sst2", "colour": "red"}]}, "tasks[0].colour: unknown key"),
+    ({"methods": {"loraa": {}}}, "methods.loraa: unknown method 'loraa' (known:"),
+    ({"methods": {"lora": {"lr": {"loguniform": [1.0e-3, 1.0e-4]}}}}, "methods.lora.lr: empty or inverted range"),
+    ({"methods": {"lora": {"lr": {"uniform": [0.1, 0.1]}}}}, "methods.lora.lr: empty or inverted range"),
+    ({"methods": {"lora": {"r": []}}}, "methods.lora.r: empty list of choices"),
+    ({"methods": {"lora": {"lr": {"normal": [0, 1]}}}}, "methods.lora.lr: a range is one of"),
+    ({"methods": {"lora": {"r": {"uniform": [1, 8]}}}}, "methods.lora.r: uniform gives floats; use randint"),
+    ({"methods": {"bitfit": {"r": 8}}}, "methods.bitfit.r: 'r' belongs to"),
+    ({"methods": {"lora": {"rank": 8}}}, "methods.lora.rank: unknown hyperparameter for lora"),
+    ({"search__max_concurrent": 0}, "search.max_concurrent: must be at least 1"),
+    ({"search__algorithm": "bayes"}, "search.algorithm:"),
+    ({"search__metric": "eval/bleu"}, "search.metric: 'eval/bleu' is not reported"),
+    ({"tasks": []}, "tasks:"),
+    ({"name": "has space"}, "name:"),
+])
+def test_bad_spec_names_the_key(changes, expected):
+    assert expected in problems(with_(**changes))
+
+
+def test_all_problems_reported_together():
+    message = problems(with_(training__max_stepz=3, methods={"loraa": {}, "lora": {"lr": {"uniform": [2, 1]}}}))
+    assert message.startswith("s.yaml: ")
+    for part in ("training.max_stepz", "methods.loraa", "methods.lora.lr"):
+        assert part in message
+    assert "\n" not in message
+
+
+def test_grid_rejects_ranges():
+    assert "grid search needs fixed values or lists" in problems(with_(search__algorithm="grid"))
+
+
+def test_list_hyperparameter_is_a_value_and_list_of_lists_a_choice():
+    spec = parse_spec(with_(methods={"lora": {"target_modules": [["query"], ["query", "value"]]}}))
+    leaf = plan(spec)[0].spaces["lora"].leaves["target_modules"]
+    assert leaf.kind == "choice" and leaf.values == (["query"], ["query", "value"])
+    fixed = plan(parse_spec(BASE))[0].spaces["lora"].leaves["target_modules"]
+    assert fixed.kind == "fixed" and fixed.values == (["query", "value"],)
+
+
+def test_random_configs_are_balanced_seeded_and_conditional():
+    spec = parse_spec(with_(search__num_samples=6, training__seeds=[0, 1]))
+    configs = plan(spec)[0].configs
+    assert len(configs) == 12 and plan(spec)[0].num_trials == 12
+    assert configs == plan(spec)[0].configs  # same seed, same configs
+    assert [c["method"] for c in configs[::2]] == ["lora", "bitfit", "full"] * 2
+    assert [c["seed"] for c in configs[:2]] == [0, 1] and configs[0]["lora"] == configs[1]["lora"]
+    for config in configs:
+        assert set(config) == {"method", config["method"], "seed"}
+        own = set(BASE["methods"][config["method"]])
+        assert set(config[config["method"]]) == own
+    lora = [c["lora"] for c in configs if c["method"] == "lora"]
+    assert all(1e-4 <= c["lr"] <= 3e-3 and c["r"] in (4, 8) and c["alpha"] == 16 for c in lora)
+
+
+def test_grid_enumerates_list_values_per_method():
+    spec = parse_spec(with_(search__algorithm="grid", search__num_samples=1,
+                            methods={"lora": {"r": [4, 8, 16], "lr": [1.0e-3, 1.0e-4]}, "bitfit": {"lr": [1.0e-3]}}))
+    configs = plan(spec)[0].configs
+    assert len(configs) == 7
+    assert sorted((c["lora"]["r"], c["lora"]["lr"]) for c in configs if c["method"] == "lora") == sorted(
+        (r, lr) for r in (4, 8, 16) for lr in (1e-3, 1e-4))
+
+
+def test_optuna_define_by_run_only_suggests_the_chosen_method():
+    spec = parse_spec(with_(search__algorithm="optuna"))
+    task_plan = plan(spec)[0]
+    assert task_plan.configs is None and task_plan.num_trials == spec.search.num_samples
+    define = optuna_space(task_plan.spaces)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        constants = define(trial)
+        method = constants["method"]
+        seen.add(method)
+        names = set(trial.params) | set(constants)
+        assert all(n == "method" or n.startswith(f"{method}/") for n in names), names
+        study.tell(trial, random.random())
+    assert seen == {"lora", "bitfit", "full"}

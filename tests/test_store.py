@@ -1,0 +1,232 @@
+"""Results store against SQLite and PostgreSQL: migrations, idempotent writes, leaderboard, errors.
+
+Each PostgreSQL test gets its own throwaway database, so tests never see each other's rows.
+"""
+from __future__ import annotations
+
+import math
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from psycopg import sql
+from sqlalchemy import create_engine, inspect, make_url
+from sqlalchemy.exc import DBAPIError
+
+from peftlab.errors import UserError
+from peftlab.store import (
+    ExperimentStatus,
+    ResultsStore,
+    TrialRecord,
+    TrialStatus,
+    migrate,
+)
+from peftlab.store_models import Base
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """URL of an empty database: a SQLite file, or a fresh PostgreSQL database dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'runs' / 'results.db'}"
+        return
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {' '.join(str(exc).split())}")
+    name = f"peftlab_test_{uuid.uuid4().hex}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield PG_URL.format(db=name)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store(empty_url: str) -> Iterator[ResultsStore]:
+    store = ResultsStore(empty_url)
+    yield store
+    store.close()
+
+
+def make_experiment(store: ResultsStore, name: str = "sweep", mode: str = "max") -> None:
+    store.create_experiment(
+        name, {"name": name}, "hash-1", "eval/accuracy", mode, "abc123", {"torch": "2.13.0"}
+    )
+
+
+def make_trial(trial_id: str, **changes) -> TrialRecord:
+    values = dict(
+        trial_id=trial_id,
+        experiment="sweep",
+        task="sst2",
+        domain="nlp/sentiment",
+        dataset="sst2",
+        model="minilm",
+        method="lora",
+        seed=0,
+        hparams={"r": 8, "lr": 1e-3},
+        status=TrialStatus.COMPLETED,
+        trainable_params=1_000,
+        total_params=22_000_000,
+        trainable_pct=0.0045,
+        objective=0.5,
+    )
+    return TrialRecord(**{**values, **changes})
+
+
+def test_migration_creates_tables_and_second_open_is_a_noop(empty_url: str) -> None:
+    ResultsStore(empty_url).close()
+    migrate(empty_url)
+    engine = create_engine(empty_url)
+    with engine.connect() as connection:
+        tables = set(inspect(connection).get_table_names())
+        assert {"experiments", "trials", "trial_metrics"} <= tables
+        assert MigrationContext.configure(connection).get_current_heads() == ("0001",)
+    engine.dispose()
+
+
+def test_migration_matches_models(store: ResultsStore, empty_url: str) -> None:
+    engine = create_engine(empty_url)
+    with engine.connect() as connection:
+        database = {
+            table: {column["name"] for column in inspect(connection).get_columns(table)}
+            for table in ("experiments", "trials", "trial_metrics")
+        }
+        # Beyond names: types, nullability, indexes and foreign keys, as autogenerate sees them.
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()
+    models = {name: {c.name for c in table.columns} for name, table in Base.metadata.tables.items()}
+    assert database == models
+
+
+def test_unmigrated_database_is_refused_with_the_fix(empty_url: str) -> None:
+    url = make_url(empty_url)
+    if url.get_backend_name() == "postgresql":
+        url = url.set(password="s3cret")  # trust auth ignores it; the message must hide it
+    fix = "not at the current schema; run: peftlab migrate --store"
+    with pytest.raises(UserError, match=fix) as caught:
+        ResultsStore(url.render_as_string(hide_password=False), migrate=False)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.timeout(30)  # a refused port must fail at once, not hang
+def test_unreachable_postgres_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="cannot reach results store") as caught:
+        ResultsStore("postgresql+psycopg://postgres:s3cret@127.0.0.1:1/none")
+    assert "s3cret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_sqlite_store_is_in_wal_mode(tmp_path) -> None:
+    path = tmp_path / "results.db"
+    ResultsStore(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_create_experiment_is_idempotent_for_the_same_spec_only(store: ResultsStore) -> None:
+    make_experiment(store)
+    make_experiment(store)
+    assert [e.name for e in store.experiments()] == ["sweep"]
+    record = store.get_experiment("sweep")
+    assert record.status is ExperimentStatus.RUNNING and record.created_at.tzinfo == timezone.utc
+    with pytest.raises(UserError, match="peftlab resume sweep"):
+        store.create_experiment("sweep", {}, "hash-2", "eval/accuracy", "max", "abc123", {})
+    store.set_experiment_status("sweep", ExperimentStatus.COMPLETED)
+    assert store.get_experiment("sweep").status is ExperimentStatus.COMPLETED
+
+
+def test_upsert_trial_is_idempotent_and_last_write_wins(store: ResultsStore) -> None:
+    make_experiment(store)
+    started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    pending = TrialRecord(
+        trial_id="t1", experiment="sweep", task="sst2", dataset="sst2", model="minilm",
+        method="lora", seed=0, hparams={}, status=TrialStatus.PENDING,
+    )
+    store.upsert_trial(pending)
+    assert store.get_trial("t1") == pending
+    store.upsert_trial(make_trial("t1", status=TrialStatus.RUNNING, started_at=started))
+    failed = make_trial(
+        "t1", status=TrialStatus.FAILED, error="OOM", objective=0.7, started_at=started, node="n1"
+    )
+    store.upsert_trial(failed)
+    [trial] = store.trials("sweep")
+    assert trial == failed
+    assert store.get_trial("t1") == trial and store.get_trial("missing") is None
+    assert store.trials(status=TrialStatus.RUNNING) == []
+
+
+def test_non_finite_values_are_stored_as_null(store: ResultsStore) -> None:
+    make_experiment(store)
+    store.upsert_trial(
+        make_trial("t1", objective=math.nan, final_metrics={"loss": math.inf, "acc": 0.5})
+    )
+    trial = store.get_trial("t1")
+    assert trial.objective is None and trial.final_metrics == {"loss": None, "acc": 0.5}
+    store.add_metrics("t1", 10, {"loss": math.nan})
+    assert store.metrics("t1") == [(10, "loss", None)]
+
+
+def test_add_metrics_replaces_a_rewritten_point(store: ResultsStore) -> None:
+    make_experiment(store)
+    store.upsert_trial(make_trial("t1"))
+    store.add_metrics("t1", 1, {"loss": 1.0, "eval/accuracy": 0.5})
+    store.add_metrics("t1", 1, {"loss": 0.9})
+    store.add_metrics("t1", 2, {"loss": 0.8})
+    assert store.metrics("t1") == [(1, "eval/accuracy", 0.5), (1, "loss", 0.9), (2, "loss", 0.8)]
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_leaderboard_picks_best_finished_trial_per_pair(store: ResultsStore, mode: str) -> None:
+    make_experiment(store, mode=mode)
+    trials = [
+        make_trial("a", method="lora", objective=0.6),
+        make_trial("b", method="lora", objective=0.8, status=TrialStatus.EARLY_STOPPED),
+        make_trial("c", method="lora", objective=0.7),
+        make_trial("d", method="lora", objective=0.99, status=TrialStatus.FAILED),
+        make_trial("e", method="lora", objective=0.01, status=TrialStatus.FAILED),
+        make_trial("i", method="lora", objective=0.02, status=TrialStatus.RUNNING),
+        make_trial("f", method="bitfit", objective=0.65),
+        make_trial("g", method="bitfit", objective=None),
+        make_trial("h", task="mnli", method="lora", objective=0.4),
+    ]
+    for trial in trials:
+        store.upsert_trial(trial)
+    board = store.leaderboard("sweep")
+    best_lora = "b" if mode == "max" else "a"
+    assert [(row.task, row.method, row.trial_id, row.n_trials) for row in board] == [
+        ("mnli", "lora", "h", 1),
+        ("sst2", "lora", best_lora, 3),
+        ("sst2", "bitfit", "f", 1),
+    ]
+    best_status = TrialStatus.EARLY_STOPPED if mode == "max" else TrialStatus.COMPLETED
+    assert board[1].status is best_status and board[1].hparams == {"r": 8, "lr": 1e-3}
+    with pytest.raises(UserError, match="no experiment named"):
+        store.leaderboard("typo")
+
+
+def test_delete_experiment_cascades_to_trials_and_metrics(store: ResultsStore) -> None:
+    make_experiment(store)
+    store.upsert_trial(make_trial("t1"))
+    store.add_metrics("t1", 1, {"loss": 1.0})
+    store.delete_experiment("sweep")
+    assert store.get_experiment("sweep") is None
+    assert store.trials() == [] and store.metrics("t1") == []
+
+
+def test_read_only_store_refuses_writes(store: ResultsStore, empty_url: str) -> None:
+    make_experiment(store)
+    reader = ResultsStore(empty_url, read_only=True)
+    assert [e.name for e in reader.experiments()] == ["sweep"]
+    with pytest.raises(DBAPIError):
+        reader.upsert_trial(make_trial("t1"))
+    reader.close()

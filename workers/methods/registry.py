@@ -1,0 +1,28 @@
+"""The method registry: every method module registers its class here by name.
+The spec validator, the CLI and the trial look methods up by that name and nothing else."""
+from __future__ import annotations
+
+from peftlab.errors import UserError
+
+from .base import Method
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: one instance per method name; a second class with the same name is a bug."""
+    if cls.name in _METHODS:
+        raise ValueError(f"method '{cls.name}' is registered twice ({type(_METHODS[cls.name]).__name__}, {cls.__name__})")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UserError(f"unknown method '{name}'; known: {', '.join(sorted(_METHODS))}") from None
+
+
+def all_methods() -> dict[str, Method]:
+    return dict(sorted(_METHODS.items()))

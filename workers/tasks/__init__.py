@@ -1,0 +1,1 @@
+"""Task types: how a trial turns a data set into batches, a loss and metrics."""

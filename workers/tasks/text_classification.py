@@ -1,0 +1,80 @@
+"""Text classification: tokenized batches in, loss and accuracy / macro-F1 out.
+
+The whole data set is tokenized once up front (these sets are small); batches are index
+slices of padded tensors, drawn from a seeded generator so a seed fixes the data order.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from peftlab.workers.data import TextClassificationData
+
+
+def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    encoded["labels"] = torch.tensor(labels, dtype=torch.long)
+    return encoded
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
+    scores = []
+    for c in range(num_labels):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        fp = ((pred == c) & (gold != c)).sum().item()
+        fn = ((pred != c) & (gold == c)).sum().item()
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class TextClassificationTask:
+    """Batches for training, evaluation with loss, accuracy and macro-F1."""
+
+    type = "text-classification"
+    metrics = ("loss", "accuracy", "macro_f1")
+
+    def __init__(self, data: TextClassificationData, tokenizer, max_length: int) -> None:
+        self.num_labels = data.num_labels
+        self.train = _encode(tokenizer, data.train_texts, data.train_labels, max_length)
+        self.eval = _encode(tokenizer, data.eval_texts, data.eval_labels, max_length)
+        self.num_train = len(data.train_labels)
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """An endless stream of shuffled training batches (reshuffled each epoch)."""
+        generator = torch.Generator().manual_seed(seed)
+        size = min(batch_size, self.num_train)
+        while True:
+            order = torch.randperm(self.num_train, generator=generator)
+            # The last partial batch of each epoch is dropped: every step sees `size` examples.
+            for start in range(0, self.num_train - size + 1, size):
+                yield _trim({k: v[order[start:start + size]] for k, v in self.train.items()})
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+        model.eval()
+        total_loss, preds = 0.0, []
+        n = len(self.eval["labels"])
+        for start in range(0, n, batch_size):
+            batch = _trim({k: v[start:start + batch_size].to(device) for k, v in self.eval.items()})
+            out = model(**batch)
+            total_loss += out.loss.item() * len(batch["labels"])
+            preds.append(out.logits.argmax(-1).cpu())
+        model.train()
+        pred, gold = torch.cat(preds), self.eval["labels"]
+        return {
+            "loss": total_loss / n,
+            "accuracy": (pred == gold).float().mean().item(),
+            "macro_f1": macro_f1(pred, gold, self.num_labels),
+        }
+
+
+def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Padding is to the longest text in the whole set; cutting to the batch's longest
+    # saves most of the attention cost on short sentences.
+    length = int(batch["attention_mask"].sum(-1).max())
+    return {k: (v[:, :length] if v.dim() == 2 else v) for k, v in batch.items()}
