@@ -93,7 +93,7 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from peftlab.recorder import error_reason
 
-        self._line(trial, "failed", error_reason(trial.get_error()))
+        self._line(trial, "failed", error_reason(trial))
 
     def on_experiment_end(self, trials, **info) -> None:
         self.live.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -25,8 +26,11 @@ MLFLOW_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.EARLY_STOPPED: "
                  TrialStatus.FAILED: "FAILED"}
 
 
-def error_reason(trace: str | None) -> str:
-    """The last line of a remote traceback, without the exception's module path."""
+def error_reason(trial) -> str:
+    """The last line of a failed trial's remote traceback, without the exception's module path."""
+    # The error file is written locally first and synced to storage later, so read it there.
+    path = Path(trial.error_file) if trial.error_file else None
+    trace = path.read_text() if path and path.is_file() else trial.get_error()
     lines = [line.strip() for line in (trace or "").splitlines() if line.strip()]
     if not lines:
         return "trial failed without an error message"
@@ -124,4 +128,4 @@ class Recorder(Callback):
         self._finish(trial, TrialStatus.COMPLETED if finished else TrialStatus.EARLY_STOPPED)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, TrialStatus.FAILED, error_reason(trial.get_error()))
+        self._finish(trial, TrialStatus.FAILED, error_reason(trial))

@@ -56,10 +56,10 @@ def plan_task(spec: ExperimentSpec, index: int) -> TaskPlan:
     seeds = spec.training.seeds
     configs = None
     if spec.search.algorithm == "random":
-        configs = _with_seeds(_random_configs(spaces, spec.search.num_samples, random.Random(spec.search.seed + index)), seeds)
+        configs = _with_seeds(_random_configs(spaces, spec.search.samples, random.Random(spec.search.seed + index)), seeds)
     elif spec.search.algorithm == "grid":
-        configs = _with_seeds(_grid_configs(spaces, spec.search.num_samples), seeds)
-    num_trials = len(configs) if configs is not None else spec.search.num_samples * len(seeds)
+        configs = _with_seeds(_grid_configs(spaces, spec.search.samples), seeds)
+    num_trials = len(configs) if configs is not None else spec.search.samples * len(seeds)
     return TaskPlan(task, spec.metric_for(task), spec.mode_for(task), spaces, configs, num_trials)
 
 

@@ -59,8 +59,8 @@ class SearchSpec(_Strict):
 
     algorithm: Literal["random", "grid", "optuna"] = "random"
     """random: balanced over methods; grid: every combination of list values; optuna: TPE."""
-    num_samples: Annotated[int, Field(ge=1)] = 4
-    """Configurations per task (random, optuna) or repetitions of the grid (grid)."""
+    num_samples: Annotated[int, Field(ge=1)] | None = None
+    """Configurations per task (random, optuna; default 4) or repetitions of the grid (grid; default 1)."""
     scheduler: Literal["fifo", "asha"] = "asha"
     """fifo runs every trial to the end; asha stops the weak ones at evaluations."""
     metric: str | None = None
@@ -75,6 +75,10 @@ class SearchSpec(_Strict):
     """ASHA: keep the top 1/reduction_factor at each rung."""
     seed: int = 0
     """Seed of the search algorithm (sampling is reproducible)."""
+
+    @property
+    def samples(self) -> int:
+        return self.num_samples or (1 if self.algorithm == "grid" else 4)
 
     @field_validator("max_concurrent")
     @classmethod

@@ -1,5 +1,5 @@
 """One contract table run through the same checks for every registered method (METHODS.md, "Verification").
-A method missing from the table fails the suite; peft-backed rows also name the plain peft config they must equal."""
+A method missing from the table fails the suite; peft-backed rows name the plain peft config they must equal."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,13 +23,18 @@ def head(model: nn.Module) -> int:
 
 
 def linears(model: nn.Module, keep: Callable[[str], bool]) -> list[nn.Linear]:
-    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n) and not n.startswith("classifier")]
+    return [
+        m for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and keep(n) and not n.startswith("classifier")
+    ]
 
 
 def lora_count(r: int, names: tuple[str, ...] | None, dora: bool = False) -> Callable[[nn.Module], int]:
     """r (d_in + d_out) (+ d_out for DoRA's magnitude) per target; names None means all linear layers."""
     keep = (lambda n: True) if names is None else (lambda n: n.rsplit(".", 1)[-1] in names)
-    return lambda m: head(m) + sum(r * (l.in_features + l.out_features) + dora * l.out_features for l in linears(m, keep))
+    return lambda m: head(m) + sum(
+        r * (layer.in_features + layer.out_features) + dora * layer.out_features for layer in linears(m, keep)
+    )
 
 
 def ia3_count(model: nn.Module) -> int:
@@ -62,12 +67,16 @@ CASES = [
     Case("linear_probe", {}, head, lambda n: n.startswith("classifier.")),
     Case(
         "bitfit", {},
-        lambda m: head(m) + sum(p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and not n.startswith("classifier.")),
+        lambda m: head(m) + sum(
+            p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and not n.startswith("classifier.")
+        ),
         lambda n: n.endswith(".bias") or n.startswith("classifier."),
     ),
     Case(
         "lora", {"r": 4, "alpha": 8, "dropout": 0.0}, lora_count(4, ("query", "value")), peft_owned("lora_"),
-        lambda: LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]),
+        lambda: LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]
+        ),
     ),
     Case(
         "lora", {"r": 3, "target_modules": "all-linear", "use_rslora": True, "init": "gaussian"},
@@ -79,14 +88,18 @@ CASES = [
     Case(
         "lora", {"r": 2, "init": "pissa", "dropout": 0.0, "target_modules": ["key", "dense"]},
         lora_count(2, ("key", "dense")), peft_owned("lora_"),
-        lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=16, lora_dropout=0.0, target_modules=["key", "dense"],
-                           init_lora_weights="pissa"),
+        lambda: LoraConfig(
+            task_type="SEQ_CLS", r=2, lora_alpha=16, lora_dropout=0.0, target_modules=["key", "dense"],
+            init_lora_weights="pissa",
+        ),
         id="lora-pissa",
     ),
     Case(
         "dora", {"r": 4}, lora_count(4, ("query", "value"), dora=True), peft_owned("lora_"),
-        lambda: LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
-                           use_dora=True),
+        lambda: LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
+            use_dora=True,
+        ),
     ),
     Case("ia3", {}, ia3_count, peft_owned("ia3_l"), lambda: IA3Config(task_type="SEQ_CLS")),
     Case(
@@ -270,7 +283,10 @@ def test_defaults_apply_to_minilm():
 def test_size_for_budget_picks_closest_size():
     config = CONFIGS["bert"]()
     model, task, lora = build_meta(config), task_for(config), get_method("lora")
-    count = lambda r: lora.expected_trainable(model, {"r": r}, task)  # noqa: E731
+
+    def count(r: int) -> int:
+        return lora.expected_trainable(model, {"r": r}, task)
+
     for budget in (1, count(5), count(5) + 10, (count(6) + count(7)) // 2 + 1, 10**9):
         r = lora.size_for_budget(model, {"alpha": 32}, task, budget)["r"]
         assert abs(count(r) - budget) <= min(abs(count(v) - budget) for v in range(1, 200)), budget
@@ -287,11 +303,13 @@ def test_prompt_tuning_text_init_uses_the_tokenizer():
 
     from peftlab.workers.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    minilm = resolve_model("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     config = CONFIGS["bert"](vocab_size=tokenizer.vocab_size)
-    hp = {"num_virtual_tokens": 5, "init": "text", "init_text": "great movie", "tokenizer": resolve_model("minilm")}
+    hp = {"num_virtual_tokens": 5, "init": "text", "init_text": "great movie", "tokenizer": minilm}
     method = get_method("prompt_tuning")
-    assert "non-empty init_text" in method.check_applicable(build_meta(config), {**hp, "init_text": ""}, task_for(config))[0]
+    problems = method.check_applicable(build_meta(config), {**hp, "init_text": ""}, task_for(config))
+    assert "non-empty init_text" in problems[0]
     model = method.apply(build(config), hp, task_for(config))
     ids = tokenizer("great movie")["input_ids"]  # peft keeps the special tokens: [CLS] great movie [SEP]
     assert len(ids) == 4
@@ -300,7 +318,8 @@ def test_prompt_tuning_text_init_uses_the_tokenizer():
 
 
 def test_registry_refuses_unknown_and_duplicate_names():
-    with pytest.raises(UserError, match="unknown method 'nope'; known: bitfit, dora, full, ia3, linear_probe, lora"):
+    known = "bitfit, dora, full, ia3, linear_probe, lora, prompt_tuning"
+    with pytest.raises(UserError, match=f"unknown method 'nope'; known: {known}"):
         get_method("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register(type("Again", (type(get_method("lora")),), {}))

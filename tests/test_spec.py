@@ -122,7 +122,7 @@ def test_random_configs_are_balanced_seeded_and_conditional():
 
 
 def test_grid_enumerates_list_values_per_method():
-    spec = parse_spec(with_(search__algorithm="grid", search__num_samples=1,
+    spec = parse_spec(with_(search__algorithm="grid",
                             methods={"lora": {"r": [4, 8, 16], "lr": [1.0e-3, 1.0e-4]}, "bitfit": {"lr": [1.0e-3]}}))
     configs = plan(spec)[0].configs
     assert len(configs) == 7
@@ -133,7 +133,7 @@ def test_grid_enumerates_list_values_per_method():
 def test_optuna_define_by_run_only_suggests_the_chosen_method():
     spec = parse_spec(with_(search__algorithm="optuna"))
     task_plan = plan(spec)[0]
-    assert task_plan.configs is None and task_plan.num_trials == spec.search.num_samples
+    assert task_plan.configs is None and task_plan.num_trials == spec.search.samples == 4
     define = optuna_space(task_plan.spaces)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()

@@ -10,7 +10,10 @@ from peftlab.workers.methods import TaskInfo
 
 def tiny_bert_config(**overrides) -> BertConfig:
     """2 layers, hidden 32, intermediate 37 (so d_in != d_out in the feed-forward), 3 labels."""
-    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=3)
+    kw = dict(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3,
+    )
     return BertConfig(**{**kw, **overrides})
 
 

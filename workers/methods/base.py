@@ -60,7 +60,8 @@ class HParam:
         if not ok:
             return f"{self.name}: expected {_KINDS[self.kind]}, got {type(value).__name__} {value!r}"
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
-            return f"{self.name}: {value!r} is below the allowed range ({'>' if self.open_low else '>='} {self.low})"
+            bound = f"{'>' if self.open_low else '>='} {self.low}"
+            return f"{self.name}: {value!r} is below the allowed range ({bound})"
         if self.high is not None and value > self.high:
             return f"{self.name}: {value!r} is above the allowed range (<= {self.high})"
         if self.choices is not None and value not in self.choices:
@@ -158,7 +159,8 @@ class Method(ABC):
         missing = [h for h in task.head_modules if h not in names]
         if missing or not task.head_modules:
             top = ", ".join(n for n, _ in model.named_children())
-            return [f"head module(s) {missing} not found in {type(model).__name__}; top-level modules: {top}"]
+            what = f"head module(s) {missing} not found" if missing else "the task names no head module"
+            return [f"{what} in {type(model).__name__}; its top-level modules: {top}"]
         return self._problems(model, hp, task)
 
     def apply(self, model: nn.Module, hparams: dict, task: TaskInfo) -> nn.Module:

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .base import Applied, Method, TaskInfo
+from .base import Applied, Method, TaskInfo, in_head
 
 
 class PeftMethod(Method):
@@ -31,7 +31,9 @@ class PeftMethod(Method):
         if wanted is None or isinstance(wanted, str):  # None: no targets; str: "all-linear" or a regex
             return []
         problems = []
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and not in_head(n, task)}
+        )
         for target in sorted(wanted):
             one = copy.copy(config)
             one.target_modules = {target}
@@ -69,7 +71,8 @@ class PeftMethod(Method):
         self._write_meta(model, path)
 
     def load(self, base_model: nn.Module, path: Path) -> nn.Module:
-        """The adapter at path on base_model, for evaluation (peft refuses to reload a prompt adapter trainable)."""
+        """The adapter at path on base_model, for evaluation (eval mode, nothing trainable): peft
+        refuses to reload a prompt-learning adapter as trainable."""
         hp, task = self._read_meta(Path(path))
         model = PeftModel.from_pretrained(base_model, str(path))
         model.peftlab_applied = Applied(self.name, hp, task)

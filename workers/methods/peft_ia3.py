@@ -56,7 +56,8 @@ class IA3(PeftMethod):
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
         targets, feedforward = self._modules(model, hp)
         if targets is None:
-            return [f"peft has no default (IA)^3 targets for model type '{model.config.model_type}'; set target_modules"]
+            model_type = model.config.model_type
+            return [f"peft has no default (IA)^3 targets for model type '{model_type}'; set target_modules"]
         if not set(feedforward) <= set(targets):
             return [f"feedforward_modules {feedforward} must all be listed in target_modules {targets}"]
         return super()._problems(model, hp, task)

@@ -26,7 +26,9 @@ class Lora(PeftMethod):
     use_dora: ClassVar[bool] = False
     hparams = (
         HParam("r", int, 8, "rank of the update B A", low=1, size=True),
-        HParam("alpha", float, 16, "update scaled by alpha/r (alpha/sqrt(r) with use_rslora)", low=0.0, open_low=True),
+        HParam(
+            "alpha", float, 16, "update scaled by alpha/r (alpha/sqrt(r) with use_rslora)", low=0.0, open_low=True
+        ),
         HParam("dropout", float, 0.05, "dropout on the adapter's input", low=0.0, high=1.0),
         HParam(
             "target_modules", list, ["query", "value"],

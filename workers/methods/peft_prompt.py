@@ -23,7 +23,8 @@ class PromptTuning(PeftMethod):
         HParam("num_virtual_tokens", int, 20, "number of soft tokens prepended", low=1, size=True),
         HParam(
             "init", str, "random",
-            "random: N(0, 1) entries (peft's default); text: the embeddings of init_text's tokens, repeated to length",
+            "random: N(0, 1) entries (peft's default); text: the embeddings of init_text's tokens (special tokens "
+            "included, as peft tokenizes it), repeated to length",
             choices=("random", "text"),
         ),
         HParam("init_text", str, "", "text whose token embeddings start the prompt (init: text)"),

@@ -12,7 +12,8 @@ _METHODS: dict[str, Method] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: one instance per method name; a second class with the same name is a bug."""
     if cls.name in _METHODS:
-        raise ValueError(f"method '{cls.name}' is registered twice ({type(_METHODS[cls.name]).__name__}, {cls.__name__})")
+        first = type(_METHODS[cls.name]).__name__
+        raise ValueError(f"method '{cls.name}' is registered twice ({first}, {cls.__name__})")
     _METHODS[cls.name] = cls()
     return cls
 

@@ -1,0 +1,155 @@
+"""Orchestration overhead: the same N short LoRA trials run by `run_sweep` and by a bare Tuner.
+
+Both run `run_trial` on one Ray instance; the difference is peftlab's driver, store, MLflow and progress.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "RAY_AIR_NEW_OUTPUT": "0"}.items():  # set before ray.init so trial workers inherit them
+    os.environ.setdefault(name, value)
+for name in ("PEFTLAB_STORE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    os.environ.pop(name, None)  # everything peftlab writes goes under the temporary PEFTLAB_HOME
+
+WORDS = {"positive": ["great", "wonderful", "good", "lovely", "superb"],
+         "negative": ["awful", "bad", "boring", "terrible", "dull"]}
+FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "story", "film"]
+
+
+def make_tiny_bert(path: Path) -> None:
+    """A 2-layer, 32-wide BERT with random weights, saved with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def make_csv(path: Path, rows: int = 400) -> None:
+    """Short sentences whose label is given by one sentiment word among fillers."""
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for _ in range(rows):
+        label = rng.choice(list(WORDS))
+        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def build_spec(model: Path, data: Path, trials: int, steps: int, concurrency: int):
+    from peftlab.spec import parse_spec
+
+    return parse_spec({
+        "name": "orchestration-bench", "model": str(model),
+        "tasks": [{"dataset": str(data)}],
+        "methods": {"lora": {"r": 8, "alpha": 16, "lr": 1e-3}},  # fixed: every trial gets the same config
+        "search": {"algorithm": "random", "num_samples": trials, "scheduler": "fifo", "max_concurrent": concurrency},
+        "training": {"max_steps": steps, "eval_every": max(1, steps // 3), "batch_size": 16, "max_length": 32},
+        "resources": {"cpus_per_trial": 1},
+    })
+
+
+def run_peftlab(spec, workdir: Path) -> float:
+    """What a user pays for `peftlab run`: preflight, store and MLflow setup, the sweep, recording."""
+    from peftlab.driver import run_sweep
+
+    os.environ["PEFTLAB_HOME"] = str(workdir)  # a fresh store, MLflow database and Ray storage
+    started = time.perf_counter()
+    outcome = run_sweep(spec)
+    elapsed = time.perf_counter() - started
+    if outcome.counts.get("COMPLETED") != spec.search.num_samples:
+        raise SystemExit(f"peftlab run did not complete every trial: {outcome.counts}")
+    return elapsed
+
+
+def run_bare(spec, workdir: Path) -> float:
+    """The same trainable, configs, resources and FIFO scheduling, with no recording at all."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from peftlab import settings
+    from peftlab.search import plan
+    from peftlab.workers.trial import TrialContext, run_trial
+
+    task_plan = plan(spec)[0]
+    data_dir = settings.data_dir()
+    context = TrialContext(
+        experiment=spec.name, model=spec.model, task=task_plan.task, training=spec.training,
+        adapters_dir=str(workdir / "adapters"), data_dir=str(data_dir) if data_dir else None,
+        cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=task_plan.configs[0],  # the configs are identical (fixed hyperparameters, one seed)
+        tune_config=tune.TuneConfig(num_samples=task_plan.num_trials, scheduler=FIFOScheduler(),
+                                    max_concurrent_trials=spec.search.max_concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(name="bare", storage_path=str(workdir / "ray"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    elapsed = time.perf_counter() - started
+    if results.num_errors:
+        raise SystemExit(f"bare Tune: {results.num_errors} trials failed")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=8, help="trials per sweep")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per trial (3 evaluations)")
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of runs; the order alternates")
+    parser.add_argument("--smoke", action="store_true", help="2 trials x 10 steps, once: under a minute")
+    args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.steps, args.repeats = 2, 10, 1
+
+    import ray
+
+    from peftlab.driver import init_ray
+
+    root = Path(tempfile.mkdtemp(prefix="peftlab-bench-"))
+    make_tiny_bert(root / "tiny-bert")
+    make_csv(root / "data.csv")
+    init_ray(None)  # once, with peftlab's own settings; neither side pays for starting Ray
+    concurrency = int(ray.cluster_resources().get("CPU", 1))
+    spec = build_spec(root / "tiny-bert", root / "data.csv", args.trials, args.steps, concurrency)
+
+    rows = []
+    for r in range(args.repeats):
+        # Alternate who goes first, so warm caches and page cache favour neither side.
+        order = ["peftlab", "bare"] if r % 2 == 0 else ["bare", "peftlab"]
+        times = {}
+        for who in order:
+            run = run_peftlab if who == "peftlab" else run_bare
+            times[who] = run(spec, root / f"{who}-{r}")
+        rows.append((f"{r + 1} ({order[0]} first)", times["peftlab"], times["bare"]))
+    if len(rows) > 1:
+        rows.append(("mean", sum(p for _, p, _ in rows) / len(rows), sum(b for _, _, b in rows) / len(rows)))
+
+    print(f"\n{args.trials} lora trials x {args.steps} steps, {concurrency} at once, tiny BERT, FIFO; Ray {ray.__version__}")
+    print(f"{'repeat':<22}{'peftlab s':>11}{'bare Tune s':>13}{'ratio':>8}{'overhead s/trial':>18}")
+    for label, peftlab_s, bare_s in rows:
+        per_trial = (peftlab_s - bare_s) / args.trials
+        print(f"{label:<22}{peftlab_s:>11.2f}{bare_s:>13.2f}{peftlab_s / bare_s:>8.3f}{per_trial:>18.2f}")
+    print("goal: ratio <= 1.05")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

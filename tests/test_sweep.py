@@ -1,0 +1,146 @@
+"""End-to-end sweeps through the real CLI, a real Ray instance, real MLflow and a real store.
+
+One sweep runs a tiny BERT on generated data and is built so that ASHA must stop some trials
+and one trial must diverge; another runs the quickstart spec in --smoke mode on MiniLM + SST-2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab.store import ResultsStore, TrialStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+PEFTLAB = [sys.executable, "-m", "peftlab.cli"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def run_cli(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PEFTLAB_HOME": str(home)}
+    for name in ("PEFTLAB_STORE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(name, None)
+    return subprocess.run([*PEFTLAB, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(home: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment}"
+    return client, {r.data.tags["peftlab.trial_id"]: r for r in client.search_runs([found.experiment_id])}
+
+
+def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
+    # Trials run one at a time in grid order. The first (full, lr 3e-3) learns the task by
+    # step 50 and sets ASHA's second rung; near-zero learning rates keep the initial loss, so
+    # they must be stopped there; the absurd learning rate makes the loss overflow, which
+    # must fail that trial only.
+    spec = {
+        "name": "e2e",
+        "model": str(tiny_bert_dir),
+        "tasks": [{"dataset": str(sentiment_csv), "domain": "test/sentiment", "max_eval_samples": 120}],
+        "methods": {
+            "full": {"lr": [3.0e-3, 1.0e-9, 1.0e+30]},
+            "lora": {"r": [2], "lr": 1.0e-9},
+            "bitfit": {"lr": 1.0e-2},
+        },
+        "search": {"algorithm": "grid", "scheduler": "asha", "metric": "eval/loss", "mode": "min",
+                   "max_concurrent": 1, "grace_period": 1},
+        "training": {"max_steps": 75, "eval_every": 25, "batch_size": 16, "seeds": [0]},
+    }
+    spec_path = tmp_path / "e2e.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    home = tmp_path / "runs"
+
+    done = run_cli("run", str(spec_path), home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Leaderboard" in done.stdout
+
+    store = ResultsStore(f"sqlite:///{home / 'results.db'}")
+    assert store.get_experiment("e2e").status.value == "COMPLETED"
+    trials = store.trials("e2e")
+    assert len(trials) == 5 and len({t.trial_id for t in trials}) == 5
+    by_config = {(t.method, t.hparams.get("lr"), t.hparams.get("r")): t for t in trials}
+    good = by_config[("full", 3.0e-3, None)]
+    assert good.status is TrialStatus.COMPLETED and good.steps == 75
+    for key in [("full", 1.0e-9, None), ("lora", 1.0e-9, 2)]:
+        stopped = by_config[key]
+        assert stopped.status is TrialStatus.EARLY_STOPPED, (key, stopped.status, stopped.final_metrics)
+        assert stopped.steps == 50
+    diverged = by_config[("full", 1.0e+30, None)]
+    assert diverged.status is TrialStatus.FAILED
+    assert "training loss became" in diverged.error and "\n" not in diverged.error
+
+    for trial in trials:
+        assert set(trial.hparams) >= {"lr"} and trial.seed == 0
+        if trial.method != "lora":
+            assert "r" not in trial.hparams  # no foreign hyperparameters recorded
+        assert trial.mlflow_run_id
+    assert good.trainable_params == good.total_params > by_config[("lora", 1.0e-9, 2)].trainable_params
+    assert good.adapter_bytes > 0 and good.peak_memory_bytes > 0 and good.train_seconds > 0
+    assert good.samples_per_second > 0 and 0.0 <= good.final_metrics["eval/accuracy"] <= 1.0
+    assert good.objective == min(v for s, n, v in store.metrics(good.trial_id) if n == "eval/loss")
+    assert sorted({s for s, n, _ in store.metrics(good.trial_id) if n == "eval/accuracy"}) == [25, 50, 75]
+
+    client, runs = mlflow_runs(home, "e2e")
+    assert set(runs) == {t.trial_id for t in trials}
+    lora_run = runs[by_config[("lora", 1.0e-9, 2)].trial_id]
+    assert lora_run.data.params["r"] == "2" and lora_run.data.tags["peftlab.method"] == "lora"
+    assert not {"r", "alpha"} & set(runs[good.trial_id].data.params)
+    assert runs[diverged.trial_id].info.status == "FAILED"
+    assert runs[good.trial_id].info.status == "FINISHED"
+    history = client.get_metric_history(good.mlflow_run_id, "eval/accuracy")
+    assert [m.step for m in history] == [25, 50, 75]
+    assert [a.path for a in client.list_artifacts(good.mlflow_run_id)] == ["adapter"]
+
+    listed = run_cli("results", "e2e", "--format", "json", home=home)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {r["method"] for r in rows} == {"full", "lora", "bitfit"}
+    assert next(r for r in rows if r["method"] == "full")["trial_id"] == good.trial_id
+
+
+def test_lora_adapter_loads_with_peft(tmp_path, tiny_bert_dir, sentiment_csv):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    spec = {
+        "name": "adapter", "model": str(tiny_bert_dir),
+        "tasks": [{"dataset": str(sentiment_csv), "max_eval_samples": 40}],
+        "methods": {"lora": {"r": 4, "lr": 1.0e-3}},
+        "search": {"num_samples": 1, "scheduler": "fifo"},
+        "training": {"max_steps": 4, "eval_every": 4, "batch_size": 8},
+    }
+    spec_path = tmp_path / "adapter.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "runs"
+    done = run_cli("run", str(spec_path), home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (trial,) = ResultsStore(f"sqlite:///{home / 'results.db'}").trials("adapter")
+    adapter = home / "adapters" / "adapter" / trial.trial_id
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, adapter)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * 2 * 4 * (32 + 32)
+
+
+def test_quickstart_smoke_on_minilm_and_sst2(tmp_path, data_dir):
+    home = tmp_path / "runs"
+    done = run_cli("run", "examples/quickstart.yaml", "--smoke", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = ResultsStore(f"sqlite:///{home / 'results.db'}")
+    trials = store.trials("quickstart-sst2-minilm-smoke")
+    assert sorted(t.method for t in trials) == ["bitfit", "dora", "full", "ia3", "lora"]
+    assert all(t.status is TrialStatus.COMPLETED for t in trials), [(t.method, t.error) for t in trials]
+    assert all(t.total_params > 22_000_000 for t in trials)  # the real MiniLM, not a tiny model
+    _, runs = mlflow_runs(home, "quickstart-sst2-minilm-smoke")
+    assert len(runs) == 5
+    listed = run_cli("results", "--format", "csv", home=home)
+    assert listed.returncode == 0 and listed.stdout.count("\n") == 6, listed.stdout + listed.stderr
