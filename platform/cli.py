@@ -50,6 +50,7 @@ def user_errors(command):
 
 SpecArg = Annotated[Path, typer.Argument(help="The experiment's YAML spec.")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Results store URL (else $PEFTLAB_STORE_URL, else ./peftlab-runs/results.db).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (else $RAY_ADDRESS, else a local instance).")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else ./peftlab-runs/mlflow.db).")]
 
 
@@ -90,7 +91,7 @@ def validate(spec_path: SpecArg) -> None:
 @user_errors
 def run(
     spec_path: SpecArg,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (else $RAY_ADDRESS, else a local instance).")] = None,
+    address: AddressOpt = None,
     store: StoreOpt = None,
     tracking_uri: TrackingOpt = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Shrink steps, samples and seeds for a quick end-to-end check.")] = False,
@@ -98,15 +99,40 @@ def run(
     """Run a sweep: live progress, then the leaderboard."""
     from peftlab.driver import run_sweep
     from peftlab.driver import smoke as shrink
-    from peftlab.progress import leaderboard_table
     from peftlab.spec import load_spec
 
     spec = load_spec(spec_path)
     if smoke:
         spec = shrink(spec)
     console.print(_plan_table(spec))
-    outcome = run_sweep(spec, address=address, store_url=store, tracking_uri=tracking_uri,
-                        console=console, source=str(spec_path))
+    _finish(lambda: run_sweep(spec, address=address, store_url=store, tracking_uri=tracking_uri,
+                              console=console, source=str(spec_path)), spec.name, store)
+
+
+@app.command()
+@user_errors
+def resume(
+    name: Annotated[str, typer.Argument(help="Name of the interrupted experiment.")],
+    address: AddressOpt = None,
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Continue an interrupted sweep where it stopped."""
+    from peftlab.driver import resume_sweep
+
+    _finish(lambda: resume_sweep(name, address=address, store_url=store, tracking_uri=tracking_uri,
+                                 console=console), name, store)
+
+
+def _finish(sweep, name: str, store: str | None) -> None:
+    """Run a sweep, print its leaderboard; exit 1 if every trial failed, 130 if interrupted."""
+    from peftlab.progress import leaderboard_table
+
+    try:
+        outcome = sweep()
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: continue with `peftlab resume {name}`")
+        raise typer.Exit(130) from None
     console.print(leaderboard_table(outcome.leaderboard))
     counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(outcome.counts.items()))
     console.print(f"{outcome.experiment}: {counts or 'no trials'}; results in {settings.store_url(store)}")

@@ -142,11 +142,13 @@ def _max_concurrent(spec: ExperimentSpec) -> int:
     return max(1, int(cpus // spec.resources.cpus_per_trial))
 
 
-def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store_url: str, tracking_uri: str, console: Console) -> None:
+def experiment_path(spec: ExperimentSpec, task_plan: TaskPlan) -> Path:
+    return settings.ray_storage() / f"{spec.name}.{task_plan.task.label}"
+
+
+def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
     from ray import tune
 
-    from peftlab.progress import SweepProgress
-    from peftlab.recorder import Recorder
     from peftlab.workers.trial import TrialContext, run_trial
 
     data_dir = settings.data_dir()
@@ -155,39 +157,61 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store_url: str, trac
         adapters_dir=str(settings.adapters_dir()), data_dir=str(data_dir) if data_dir else None,
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
     )
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(run_trial, context=context),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
-    recorder = Recorder(store_url, tracking_uri, experiment=spec.name, model=spec.model, task_plan=task_plan,
-                        seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps)
-    console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, "
-                  f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler, up to "
-                  f"{_max_concurrent(spec)} at once")
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=build_search_alg(spec, task_plan),
-            scheduler=build_scheduler(spec, task_plan),
-            num_samples=task_plan.num_trials,
-            max_concurrent_trials=_max_concurrent(spec),
-            reuse_actors=False,  # a fresh process per trial keeps peak-memory accounting honest
-        ),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}.{task_plan.task.label}",
-            storage_path=str(settings.ray_storage()),
-            callbacks=[recorder, SweepProgress(task_plan, spec.training.max_steps)],
-            failure_config=tune.FailureConfig(max_failures=0),
-            verbose=0,
-        ),
-    )
-    tuner.fit()
+
+
+def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store_url: str, tracking_uri: str,
+              console: Console) -> bool:
+    """Run (or continue) one task's search; False if it was interrupted before the end."""
+    from ray import tune
+
+    from peftlab.progress import SweepProgress
+    from peftlab.recorder import Recorder
+
+    path = experiment_path(spec, task_plan)
+    if tune.Tuner.can_restore(path):
+        # Callbacks, searcher and scheduler come back from the saved experiment state.
+        console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
+        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
+    else:
+        recorder = Recorder(store_url, tracking_uri, experiment=spec.name, model=spec.model, task_plan=task_plan,
+                            seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps)
+        console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, "
+                      f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler, up to "
+                      f"{_max_concurrent(spec)} at once")
+        tuner = tune.Tuner(
+            _trainable(spec, task_plan),
+            tune_config=tune.TuneConfig(
+                search_alg=build_search_alg(spec, task_plan),
+                scheduler=build_scheduler(spec, task_plan),
+                num_samples=task_plan.num_trials,
+                max_concurrent_trials=_max_concurrent(spec),
+                reuse_actors=False,  # a fresh process per trial keeps peak-memory accounting honest
+            ),
+            run_config=tune.RunConfig(
+                name=path.name,
+                storage_path=str(path.parent),
+                callbacks=[recorder, SweepProgress(task_plan, spec.training.max_steps)],
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    # Tune returns normally on Ctrl-C after saving its state; unfinished trials tell.
+    return grid.num_terminated + grid.num_errors >= task_plan.num_trials
 
 
 def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: str | None = None,
               tracking_uri: str | None = None, console: Console | None = None,
-              source: str | None = None) -> SweepOutcome:
-    """Preflight, record the experiment, run every task's search, return the leaderboard."""
+              source: str | None = None, resume: bool = False) -> SweepOutcome:
+    """Preflight, record the experiment, run every task's search, return the leaderboard.
+
+    With `resume`, tasks whose Tune state exists continue from it; the others start.
+    Raises KeyboardInterrupt (experiment INTERRUPTED) when the user stopped the sweep.
+    """
     console = console or Console()
     preflight(spec, source=source)
     store_url, tracking_uri = settings.store_url(store_url), settings.tracking_uri(tracking_uri)
@@ -200,12 +224,15 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     Tracker(tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())  # fail early if unreachable
     plans = plan(spec)
     first = plans[0]
-    store.create_experiment(spec.name, spec.model_dump(mode="json"), spec.spec_hash(), first.metric,
-                            first.mode, code_version(), package_versions())
+    if not resume:
+        store.create_experiment(spec.name, spec.model_dump(mode="json"), spec.spec_hash(), first.metric,
+                                first.mode, code_version(), package_versions())
+    store.set_experiment_status(spec.name, ExperimentStatus.RUNNING)
     status = ExperimentStatus.FAILED
     try:
         for task_plan in plans:
-            _run_task(spec, task_plan, store_url=store_url, tracking_uri=tracking_uri, console=console)
+            if not _run_task(spec, task_plan, store_url=store_url, tracking_uri=tracking_uri, console=console):
+                raise KeyboardInterrupt
         outcome = outcome_of(store, spec.name)
         status = ExperimentStatus.COMPLETED if outcome.succeeded else ExperimentStatus.FAILED
         return outcome
@@ -214,6 +241,19 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
         raise
     finally:
         store.set_experiment_status(spec.name, status)
+
+
+def resume_sweep(name: str, *, address: str | None = None, store_url: str | None = None,
+                 tracking_uri: str | None = None, console: Console | None = None) -> SweepOutcome:
+    """Continue an interrupted sweep from the spec recorded in the store and Tune's saved state."""
+    from peftlab.spec import parse_spec
+
+    record = ResultsStore(settings.store_url(store_url)).get_experiment(name)
+    if record is None:
+        raise UserError(f"no experiment named '{name}' in {settings.store_url(store_url)}")
+    spec = parse_spec(record.spec, source=f"experiment {name}")
+    return run_sweep(spec, address=address, store_url=store_url, tracking_uri=tracking_uri,
+                     console=console, resume=True)
 
 
 def outcome_of(store: ResultsStore, name: str) -> SweepOutcome:

@@ -81,7 +81,9 @@ class Recorder(Callback):
                 "peftlab.domain": task.domain or "", "peftlab.dataset": task.dataset,
                 "peftlab.model": self.model, "peftlab.spec_hash": self.spec_hash,
                 "peftlab.trial_id": trial.trial_id}
-        run_id = self.runs.get(trial.trial_id) or self.tracker.start_run(
+        # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
+        known = self.store.get_trial(trial.trial_id)
+        run_id = (known.mlflow_run_id if known else None) or self.tracker.start_run(
             f"{task.label}-{method.name}-{trial.trial_id}", tags, {"method": method.name, "seed": seed, **hparams})
         self.runs[trial.trial_id] = run_id
         record = TrialRecord(

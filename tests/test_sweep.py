@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,10 @@ def mlflow_runs(home: Path, experiment: str):
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment}"
-    return client, {r.data.tags["peftlab.trial_id"]: r for r in client.search_runs([found.experiment_id])}
+    runs = client.search_runs([found.experiment_id])
+    by_trial = {r.data.tags["peftlab.trial_id"]: r for r in runs}
+    assert len(by_trial) == len(runs), "a trial has more than one MLflow run"
+    return client, by_trial
 
 
 def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
@@ -144,3 +149,43 @@ def test_quickstart_smoke_on_minilm_and_sst2(tmp_path, data_dir):
     assert len(runs) == 5
     listed = run_cli("results", "--format", "csv", home=home)
     assert listed.returncode == 0 and listed.stdout.count("\n") == 6, listed.stdout + listed.stderr
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, sentiment_csv):
+    spec = {
+        "name": "resume-me", "model": str(tiny_bert_dir),
+        "tasks": [{"dataset": str(sentiment_csv), "max_eval_samples": 40}],
+        "methods": {"lora": {"r": [2, 4], "lr": [1.0e-3, 3.0e-3]}},
+        "search": {"algorithm": "grid", "scheduler": "fifo", "max_concurrent": 1},
+        "training": {"max_steps": 200, "eval_every": 50, "batch_size": 8},
+    }
+    spec_path = tmp_path / "resume.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "runs"
+    env = {**os.environ, "PEFTLAB_HOME": str(home)}
+    proc = subprocess.Popen([*PEFTLAB, "run", str(spec_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = home / "results.db"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists() and any(t.status is TrialStatus.COMPLETED for t in ResultsStore(f"sqlite:///{db}").trials("resume-me")):
+            break
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out + err
+    assert "peftlab resume resume-me" in err
+    store = ResultsStore(f"sqlite:///{db}")
+    assert store.get_experiment("resume-me").status.value == "INTERRUPTED"
+    before = {t.trial_id: t.status for t in store.trials("resume-me")}
+    assert 1 <= sum(s is TrialStatus.COMPLETED for s in before.values()) < 4
+
+    done = run_cli("resume", "resume-me", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = store.trials("resume-me")
+    assert len(trials) == 4 and all(t.status is TrialStatus.COMPLETED for t in trials)
+    assert sorted((t.hparams["r"], t.hparams["lr"]) for t in trials) == [(2, 1e-3), (2, 3e-3), (4, 1e-3), (4, 3e-3)]
+    assert set(before) <= {t.trial_id for t in trials}
+    assert store.get_experiment("resume-me").status.value == "COMPLETED"
+    _, runs = mlflow_runs(home, "resume-me")
+    assert len(runs) == 4

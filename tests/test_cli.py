@@ -1,0 +1,129 @@
+"""The CLI's contract: bad input gives one line, exit 2, no Ray and nothing written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from peftlab.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def good_spec(csv: Path, model: Path) -> dict:
+    return {
+        "name": "bad-input",
+        "model": str(model),
+        "tasks": [{"dataset": str(csv)}],
+        "methods": {"lora": {"r": [2, 4], "lr": {"loguniform": [1.0e-4, 1.0e-2]}}, "bitfit": {}},
+        "search": {"num_samples": 2},
+        "training": {"max_steps": 4, "eval_every": 2},
+    }
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def breakages(tmp: Path) -> dict:
+    """Each case: (how to break a good spec, text the error must contain)."""
+    return {
+        "invalid yaml": ("name: x\nmethods: {lora: {r: [4, 8}\n", "invalid YAML at line"),
+        "unknown key": (lambda s: s["training"].update(max_stepz=3), "training.max_stepz: unknown key"),
+        "unknown method": (lambda s: s["methods"].update(loraa={}), "methods.loraa: unknown method 'loraa'"),
+        "inverted range": (lambda s: s["methods"]["lora"].update(lr={"loguniform": [1.0e-2, 1.0e-4]}),
+                           "methods.lora.lr: empty or inverted range"),
+        "foreign hyperparameter": (lambda s: s["methods"]["bitfit"].update(r=8), "methods.bitfit.r: 'r' belongs to"),
+        "missing dataset file": (lambda s: s["tasks"][0].update(dataset=str(tmp / "nope.csv")),
+                                 "tasks[0].dataset: dataset file not found"),
+        "missing text column": (lambda s: s["tasks"][0].update(text_column="sentence"),
+                                "missing text column 'sentence'"),
+        "missing label column": (lambda s: s["tasks"][0].update(dataset=str(write_csv(tmp / "nolabel.csv", "text,y", ["a,1", "b,0"] * 10))),
+                                 "missing label column 'label'"),
+        "float labels": (lambda s: s["tasks"][0].update(dataset=str(write_csv(tmp / "float.csv", "text,label", ["a,0.5", "b,1.5"] * 10))),
+                         "labels must be integers or strings"),
+        "unknown model path": (lambda s: s.update(model=str(tmp / "no-model")), "model: model path not found"),
+        "max_concurrent < 1": (lambda s: s["search"].update(max_concurrent=0), "search.max_concurrent: must be at least 1"),
+        "method cannot apply": (lambda s: s["methods"]["lora"].update(target_modules=["q_proj"]), "methods.lora:"),
+    }
+
+
+CASES = list(breakages(Path("/")))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, command, tmp_path, peftlab_home, sentiment_csv, tiny_bert_dir):
+    import ray
+
+    breaking, expected = breakages(tmp_path)[case]
+    spec_path = tmp_path / "spec.yaml"
+    if isinstance(breaking, str):
+        spec_path.write_text(breaking)
+    else:
+        spec = good_spec(sentiment_csv, tiny_bert_dir)
+        breaking(spec)
+        spec_path.write_text(yaml.safe_dump(spec))
+
+    result = runner.invoke(app, [command, str(spec_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(spec_path) in lines[0], result.stderr
+    assert expected in lines[0]
+    assert not ray.is_initialized()
+    assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text("name: x\ntasks: [{dataset: sst2}]\nmethods: {nope: {}}\n")
+    done = subprocess.run([sys.executable, "-m", "peftlab.cli", "validate", str(spec_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {spec_path}: methods.nope: unknown method 'nope' (known: ")
+    assert "lora" in lines[0]
+
+
+def test_validate_prints_the_plan(tmp_path, peftlab_home, sentiment_csv, tiny_bert_dir):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(good_spec(sentiment_csv, tiny_bert_dir)))
+    result = runner.invoke(app, ["validate", str(spec_path)])
+    assert result.exit_code == 0, result.output
+    assert "lora" in result.stdout and "bitfit" in result.stdout and "is valid" in result.stdout
+    assert "r=one of 2, 4" in result.stdout
+
+
+def test_methods_lists_registry_with_formulas():
+    result = runner.invoke(app, ["methods", "--format", "json"])
+    assert result.exit_code == 0
+    methods = {m["name"]: m for m in json.loads(result.stdout)}
+    assert {"full", "linear_probe", "bitfit", "lora", "dora", "ia3", "prompt_tuning"} <= set(methods)
+    assert methods["lora"]["mergeable"] is True and methods["prompt_tuning"]["mergeable"] is False
+    assert methods["lora"]["hyperparameters"]["r"]["default"] == 8
+    assert "r" in methods["lora"]["formula"]
+    table = runner.invoke(app, ["methods"])
+    assert table.exit_code == 0 and "dora" in table.stdout
+
+
+def test_results_without_a_store(peftlab_home):
+    result = runner.invoke(app, ["results"])
+    assert result.exit_code == 2
+    assert "no results store" in result.stderr
+
+
+def test_import_platform_from_repository_root_is_the_standard_library():
+    done = subprocess.run([sys.executable, "-c", "import platform, sys; print(platform.__file__); print(platform.python_version())"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.splitlines()[0]
+    assert not path.startswith(str(ROOT)) and path.endswith("platform.py")
+    assert done.stdout.splitlines()[1] == ".".join(map(str, sys.version_info[:3]))
