@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.trials, args.steps, args.repeats = 2, 10, 1
+    load = os.getloadavg()[0]  # other work on the machine shows up as noise in both columns
 
     import ray
 
@@ -140,15 +142,19 @@ def main() -> None:
             times[who] = run(spec, root / f"{who}-{r}")
         rows.append((f"{r + 1} ({order[0]} first)", times["peftlab"], times["bare"]))
     if len(rows) > 1:
-        rows.append(("mean", sum(p for _, p, _ in rows) / len(rows), sum(b for _, _, b in rows) / len(rows)))
+        peftlab_times, bare_times = [p for _, p, _ in rows], [b for _, _, b in rows]
+        rows.append(("mean", sum(peftlab_times) / len(peftlab_times), sum(bare_times) / len(bare_times)))
+        rows.append(("best (min of each)", min(peftlab_times), min(bare_times)))  # least disturbed by other load
 
-    print(f"\n{args.trials} lora trials x {args.steps} steps, {concurrency} at once, tiny BERT, FIFO; Ray {ray.__version__}")
+    print(f"\n{args.trials} lora trials x {args.steps} steps, {concurrency} at once, tiny BERT, FIFO; "
+          f"Ray {ray.__version__}; load average at start {load:.2f}")
     print(f"{'repeat':<22}{'peftlab s':>11}{'bare Tune s':>13}{'ratio':>8}{'overhead s/trial':>18}")
     for label, peftlab_s, bare_s in rows:
         per_trial = (peftlab_s - bare_s) / args.trials
         print(f"{label:<22}{peftlab_s:>11.2f}{bare_s:>13.2f}{peftlab_s / bare_s:>8.3f}{per_trial:>18.2f}")
     print("goal: ratio <= 1.05")
     ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Format(str, Enum):
     table = "table"
     csv = "csv"
     json = "json"
+    markdown = "markdown"
 
 
 def user_errors(command):
@@ -190,7 +191,7 @@ def results(
 
 @app.command()
 @user_errors
-def methods(format: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table) -> None:
+def methods(format: Annotated[Format, typer.Option("--format", help="table, json or markdown.")] = Format.table) -> None:
     """Registered PEFT methods: hyperparameters with defaults, parameter formula, mergeability."""
     from peftlab.workers.methods import all_methods
 
@@ -205,8 +206,11 @@ def methods(format: Annotated[Format, typer.Option("--format", help="table or js
     if format is Format.json:
         sys.stdout.write(json.dumps(described, indent=2, default=str) + "\n")
         return
+    if format is Format.markdown:
+        sys.stdout.write(methods_markdown(described))
+        return
     if format is Format.csv:
-        raise UserError("methods prints as table or json")
+        raise UserError("methods prints as table, json or markdown")
     table = Table(title="Registered methods", title_justify="left", show_lines=True)
     for column in ("method", "trains", "hyperparameters (default)", "params formula", "mergeable"):
         table.add_column(column, overflow="fold")
@@ -214,6 +218,17 @@ def methods(format: Annotated[Format, typer.Option("--format", help="table or js
         hps = ", ".join(f"{k}={v['default']}" for k, v in m["hyperparameters"].items())
         table.add_row(m["name"], m["summary"], hps, m["formula"], "yes" if m["mergeable"] else "no")
     console.print(table)
+
+
+def methods_markdown(described: list[dict]) -> str:
+    """The README's methods table, generated from the registry so it cannot drift."""
+    lines = ["| method | trains | parameters | mergeable | hyperparameters (default) | source |",
+             "|---|---|---|---|---|---|"]
+    for m in described:
+        hps = ", ".join(f"`{k}`={v['default']}" for k, v in m["hyperparameters"].items())
+        lines.append(f"| `{m['name']}` | {m['summary']} | {m['formula']} | {'yes' if m['mergeable'] else 'no'} "
+                     f"| {hps} | {m['paper']} |")
+    return "\n".join(lines) + "\n"
 
 
 @app.command()

@@ -67,7 +67,7 @@ class Leaf:
 def _checked(value: Any, hparam: HParam) -> Any:
     problem = hparam.check(value)
     if problem:
-        raise UserError(problem)
+        raise UserError(problem.removeprefix(f"{hparam.name}: "))  # the key path already names it
     return value
 
 

@@ -127,3 +127,10 @@ def test_import_platform_from_repository_root_is_the_standard_library():
     path = done.stdout.splitlines()[0]
     assert not path.startswith(str(ROOT)) and path.endswith("platform.py")
     assert done.stdout.splitlines()[1] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_readme_methods_table_is_the_registry():
+    result = runner.invoke(app, ["methods", "--format", "markdown"])
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- methods:start -->\n", 1)[1].split("<!-- methods:end -->", 1)[0]
+    assert section == result.stdout, "README's methods table is stale: regenerate with `peftlab methods --format markdown`"
