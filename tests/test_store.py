@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from psycopg import sql
 from sqlalchemy import create_engine, inspect, make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -28,27 +25,14 @@ from peftlab.store import (
 )
 from peftlab.store_models import Base
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+def empty_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """URL of an empty database: a SQLite file, or a fresh PostgreSQL database dropped after."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'runs' / 'results.db'}"
-        return
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {' '.join(str(exc).split())}")
-    name = f"peftlab_test_{uuid.uuid4().hex}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield PG_URL.format(db=name)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        return f"sqlite:///{tmp_path / 'runs' / 'results.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

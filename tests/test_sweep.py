@@ -113,7 +113,8 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert next(r for r in rows if r["method"] == "full")["trial_id"] == good.trial_id
 
 
-def test_lora_adapter_loads_with_peft(tmp_path, tiny_bert_dir, sentiment_csv):
+@pytest.mark.postgres
+def test_sweep_into_postgres_and_lora_adapter_loads_with_peft(tmp_path, tiny_bert_dir, sentiment_csv, postgres_url):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -127,9 +128,11 @@ def test_lora_adapter_loads_with_peft(tmp_path, tiny_bert_dir, sentiment_csv):
     spec_path = tmp_path / "adapter.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     home = tmp_path / "runs"
-    done = run_cli("run", str(spec_path), home=home)
+    done = run_cli("run", str(spec_path), "--store", postgres_url, home=home)
     assert done.returncode == 0, done.stdout + done.stderr
-    (trial,) = ResultsStore(f"sqlite:///{home / 'results.db'}").trials("adapter")
+    assert not (home / "results.db").exists()
+    (trial,) = ResultsStore(postgres_url).trials("adapter")
+    assert trial.status is TrialStatus.COMPLETED and trial.adapter_bytes > 0
     adapter = home / "adapters" / "adapter" / trial.trial_id
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     model = PeftModel.from_pretrained(base, adapter)
