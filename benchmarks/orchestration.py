@@ -1,54 +1,23 @@
 """Orchestration overhead: the same N short LoRA trials run by `run_sweep` and by a bare Tuner.
 
-Both run `run_trial` on one Ray instance; the difference is peftlab's driver, store, MLflow and progress.
+Both start Ray and run `run_trial`; the difference is peftlab's driver, store, MLflow and progress.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+# Set before Ray starts, so trial workers inherit them; RAY_AIR_NEW_OUTPUT=0 is what run_sweep
+# sets, so that both sides use the same Tune reporter.
 for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "RAY_AIR_NEW_OUTPUT": "0"}.items():  # set before ray.init so trial workers inherit them
+                    "RAY_AIR_NEW_OUTPUT": "0"}.items():
     os.environ.setdefault(name, value)
 for name in ("PEFTLAB_STORE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
     os.environ.pop(name, None)  # everything peftlab writes goes under the temporary PEFTLAB_HOME
-
-WORDS = {"positive": ["great", "wonderful", "good", "lovely", "superb"],
-         "negative": ["awful", "bad", "boring", "terrible", "dull"]}
-FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "story", "film"]
-
-
-def make_tiny_bert(path: Path) -> None:
-    """A 2-layer, 32-wide BERT with random weights, saved with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from peftlab.workers.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def make_csv(path: Path, rows: int = 400) -> None:
-    """Short sentences whose label is given by one sentiment word among fillers."""
-    rng = random.Random(0)
-    lines = ["text,label"]
-    for _ in range(rows):
-        label = rng.choice(list(WORDS))
-        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])]
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines) + "\n")
-
 
 def build_spec(model: Path, data: Path, trials: int, steps: int, concurrency: int):
     from peftlab.spec import parse_spec
@@ -64,13 +33,16 @@ def build_spec(model: Path, data: Path, trials: int, steps: int, concurrency: in
 
 
 def run_peftlab(spec, workdir: Path) -> float:
-    """What a user pays for `peftlab run`: preflight, store and MLflow setup, the sweep, recording."""
+    """What a user pays for `peftlab run`: preflight, Ray start, store and MLflow setup, the sweep, recording."""
+    import ray
+
     from peftlab.driver import run_sweep
 
     os.environ["PEFTLAB_HOME"] = str(workdir)  # a fresh store, MLflow database and Ray storage
     started = time.perf_counter()
     outcome = run_sweep(spec)
     elapsed = time.perf_counter() - started
+    ray.shutdown()
     if outcome.counts.get("COMPLETED") != spec.search.num_samples:
         raise SystemExit(f"peftlab run did not complete every trial: {outcome.counts}")
     return elapsed
@@ -78,13 +50,17 @@ def run_peftlab(spec, workdir: Path) -> float:
 
 def run_bare(spec, workdir: Path) -> float:
     """The same trainable, configs, resources and FIFO scheduling, with no recording at all."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     from peftlab import settings
+    from peftlab.driver import init_ray
     from peftlab.search import plan
     from peftlab.workers.trial import TrialContext, run_trial
 
+    started = time.perf_counter()
+    init_ray(None)  # the same local instance peftlab starts; with_parameters needs it running
     task_plan = plan(spec)[0]
     data_dir = settings.data_dir()
     context = TrialContext(
@@ -102,9 +78,9 @@ def run_bare(spec, workdir: Path) -> float:
         run_config=tune.RunConfig(name="bare", storage_path=str(workdir / "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    started = time.perf_counter()
     results = tuner.fit()
     elapsed = time.perf_counter() - started
+    ray.shutdown()
     if results.num_errors:
         raise SystemExit(f"bare Tune: {results.num_errors} trials failed")
     return elapsed
@@ -123,13 +99,13 @@ def main() -> None:
 
     import ray
 
-    from peftlab.driver import init_ray
+    from peftlab.workers.synthetic import save_tiny_bert, write_sentiment_csv
 
     root = Path(tempfile.mkdtemp(prefix="peftlab-bench-"))
-    make_tiny_bert(root / "tiny-bert")
-    make_csv(root / "data.csv")
-    init_ray(None)  # once, with peftlab's own settings; neither side pays for starting Ray
-    concurrency = int(ray.cluster_resources().get("CPU", 1))
+    save_tiny_bert(root / "tiny-bert")
+    write_sentiment_csv(root / "data.csv")
+    # Both sides start (and stop) their own local Ray instance, as a user's script would.
+    concurrency = os.cpu_count() or 1
     spec = build_spec(root / "tiny-bert", root / "data.csv", args.trials, args.steps, concurrency)
 
     rows = []
@@ -153,7 +129,6 @@ def main() -> None:
         per_trial = (peftlab_s - bare_s) / args.trials
         print(f"{label:<22}{peftlab_s:>11.2f}{bare_s:>13.2f}{peftlab_s / bare_s:>8.3f}{per_trial:>18.2f}")
     print("goal: ratio <= 1.05")
-    ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import platform as _stdlib_platform
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +20,7 @@ from peftlab.errors import SpecError, UserError
 from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan
 from peftlab.spec import ExperimentSpec, method_spaces
 from peftlab.store import ExperimentStatus, LeaderboardRow, ResultsStore, TrialStatus
+from peftlab.tracking import Tracker
 
 PACKAGES = ("peftlab", "torch", "transformers", "peft", "ray", "optuna", "mlflow", "sqlalchemy")
 
@@ -98,8 +101,6 @@ def _variants(leaves: dict) -> list[dict]:
 
 def code_version() -> str:
     try:
-        import subprocess
-
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5).stdout.strip()
@@ -163,21 +164,22 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
     )
 
 
-def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store_url: str, tracking_uri: str,
+def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore, tracker: Tracker,
               console: Console) -> bool:
     """Run (or continue) one task's search; False if it was interrupted before the end."""
     from ray import tune
 
     from peftlab.progress import SweepProgress
-    from peftlab.recorder import Recorder
+    from peftlab.recorder import Recorder, bind
 
+    bind(spec.name, store, tracker)
     path = experiment_path(spec, task_plan)
     if tune.Tuner.can_restore(path):
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
         tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
     else:
-        recorder = Recorder(store_url, tracking_uri, experiment=spec.name, model=spec.model, task_plan=task_plan,
+        recorder = Recorder(experiment=spec.name, model=spec.model, task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps)
         console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, "
                       f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler, up to "
@@ -218,10 +220,12 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     store = ResultsStore(store_url)
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    init_ray(settings.ray_address(address))
-    from peftlab.tracking import Tracker
-
-    Tracker(tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())  # fail early if unreachable
+    # MLflow's first connection (import, schema migration) overlaps Ray's start-up; an
+    # unreachable tracking server still fails here, before any trial runs.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tracker = pool.submit(Tracker, tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())
+        init_ray(settings.ray_address(address))
+        tracker = tracker.result()
     plans = plan(spec)
     first = plans[0]
     if not resume:
@@ -231,7 +235,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     status = ExperimentStatus.FAILED
     try:
         for task_plan in plans:
-            if not _run_task(spec, task_plan, store_url=store_url, tracking_uri=tracking_uri, console=console):
+            if not _run_task(spec, task_plan, store=store, tracker=tracker, console=console):
                 raise KeyboardInterrupt
         outcome = outcome_of(store, spec.name)
         status = ExperimentStatus.COMPLETED if outcome.succeeded else ExperimentStatus.FAILED

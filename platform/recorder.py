@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from peftlab import settings
 from peftlab.search import TaskPlan
 from peftlab.store import ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
@@ -37,14 +36,19 @@ def error_reason(trial) -> str:
     return re.sub(r"^(?:[\w]+\.)+(?=\w+(?:Error|Exception|Loss)?:)", "", lines[-1])
 
 
+_CONNECTIONS: dict[str, tuple[ResultsStore, Tracker]] = {}
+
+
+def bind(experiment: str, store: ResultsStore, tracker: Tracker) -> None:
+    """Where the recorders of `experiment` write, in this driver process."""
+    _CONNECTIONS[experiment] = (store, tracker)
+
+
 class Recorder(Callback):
     """Writes trial rows, metric curves and MLflow runs as Tune reports them."""
 
-    def __init__(self, store_url: str, tracking_uri: str, *, experiment: str, model: str,
-                 task_plan: TaskPlan, seeds: list[int], spec_hash: str, max_steps: int) -> None:
-        self.store_url, self.tracking_uri = store_url, tracking_uri
-        self._store: ResultsStore | None = None
-        self._tracker: Tracker | None = None
+    def __init__(self, *, experiment: str, model: str, task_plan: TaskPlan, seeds: list[int],
+                 spec_hash: str, max_steps: int) -> None:
         self.experiment, self.model, self.plan = experiment, model, task_plan
         self.seeds, self.spec_hash, self.max_steps = seeds, spec_hash, max_steps
         self.records: dict[str, TrialRecord] = {}
@@ -52,21 +56,14 @@ class Recorder(Callback):
         self.best: dict[str, float] = {}
 
     # Tune pickles its callbacks with the experiment state (for `peftlab resume`), so the
-    # connections are opened lazily and left out of the pickle.
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None, "_tracker": None}
-
+    # recorder holds no connection (nor any password): the driver binds them by name.
     @property
     def store(self) -> ResultsStore:
-        if self._store is None:
-            self._store = ResultsStore(self.store_url)
-        return self._store
+        return _CONNECTIONS[self.experiment][0]
 
     @property
     def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.tracking_uri, self.experiment, artifact_root=settings.mlflow_artifacts())
-        return self._tracker
+        return _CONNECTIONS[self.experiment][1]
 
     def _better(self, new: float, old: float | None) -> bool:
         return old is None or (new > old if self.plan.mode == "max" else new < old)

@@ -1,12 +1,8 @@
-"""Shared fixtures: the real data folder, a tiny BERT saved like a Hub model, generated data.
-
-The tiny BERT has random weights and MiniLM's tokenizer, so end-to-end runs exercise the
-real loading code while taking seconds on two CPU cores.
-"""
+"""Shared fixtures: the real data folder, a tiny BERT saved like a Hub model, generated data,
+a throwaway PostgreSQL database and a clean PEFTLAB_HOME."""
 from __future__ import annotations
 
 import os
-import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,43 +29,16 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with random weights, saved with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from peftlab.workers.synthetic import save_tiny_bert
 
-    from peftlab.workers.models import resolve_model
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-WORDS = {1: ["great", "wonderful", "good", "lovely", "superb"], 0: ["awful", "bad", "boring", "terrible", "dull"]}
-FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "story", "film"]
-
-
-def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Short sentences whose label is given by one sentiment word among fillers."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])]
-        rng.shuffle(words)
-        rows.append((" ".join(words), "positive" if label else "negative"))
-    return rows
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
-    lines = ["text,label"] + [f"{text},{label}" for text, label in sentiment_rows(400)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    from peftlab.workers.synthetic import write_sentiment_csv
+
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", 400)
 
 
 @pytest.fixture

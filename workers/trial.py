@@ -84,9 +84,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
         return {"adapter_bytes": directory_bytes(adapter_dir), "adapter_path": str(adapter_dir)}
 
     static = {
-        "method": method.name,
-        "seed": seed,
-        "hparams": hparams,
         "trainable_params": trainable_params,
         "total_params": total_params,
         "trainable_pct": 100.0 * trainable_params / total_params,

@@ -1,0 +1,45 @@
+"""Small generated stand-ins for real assets: a tiny random BERT and a toy sentiment set.
+
+Tests, benchmarks and smoke checks use them where the real MiniLM and SST-2 would only cost
+time; they go through the same loading code as a Hub model and a user's CSV file.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+WORDS = {1: ["great", "wonderful", "good", "lovely", "superb"], 0: ["awful", "bad", "boring", "terrible", "dull"]}
+FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "story", "film"]
+
+
+def save_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A BERT with random weights saved like a Hub model, with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Short sentences whose label is given by one sentiment word among fillers."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        rows.append((" ".join(words), "positive" if label else "negative"))
+    return rows
+
+
+def write_sentiment_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
+    path.write_text("\n".join(["text,label", *(f"{t},{lbl}" for t, lbl in sentiment_rows(n, seed))]) + "\n")
+    return path
