@@ -148,7 +148,7 @@ def _open_store(url: str | None):
     url = settings.store_url(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise UserError(f"no results store at {url}: run a sweep first (peftlab run SPEC)")
-    return ResultsStore(url, migrate=False)
+    return ResultsStore(url)  # an older store is brought to the current schema, as `run` does
 
 
 @app.command()
@@ -240,6 +240,36 @@ def migrate(store: StoreOpt = None) -> None:
     url = settings.store_url(store)
     run_migrations(url)
     console.print(f"{url}: at the current schema")
+
+
+@app.command()
+@user_errors
+def dashboard(
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but 127.0.0.1 exposes the results to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Start the Streamlit dashboard on a read-only connection to the results store."""
+    import os
+    import subprocess
+
+    from peftlab.dashboard import queries
+
+    url = settings.store_url(store)
+    shown = queries.check_store(url)  # missing or unmigrated: one line, exit 2, before Streamlit
+    app_path = Path(queries.__file__).resolve().with_name("app.py")
+    env = {**os.environ, settings.ENV_STORE: url, settings.ENV_TRACKING: settings.tracking_uri(tracking_uri)}
+    command = [sys.executable, "-m", "streamlit", "run", str(app_path),
+               "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+               "--client.toolbarMode", "minimal"]
+    console.print(f"dashboard on http://{host}:{port} (read-only: {shown}); Ctrl-C stops it")
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

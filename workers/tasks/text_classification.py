@@ -12,6 +12,9 @@ from torch import nn
 
 from peftlab.workers.data import TextClassificationData
 
+GROUP_WINDOW = 50
+"""Batches per window within which examples are grouped by length (see `train_batches`)."""
+
 
 def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict[str, torch.Tensor]:
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
@@ -43,16 +46,32 @@ class TextClassificationTask:
         self.train = _encode(tokenizer, data.train_texts, data.train_labels, max_length)
         self.eval = _encode(tokenizer, data.eval_texts, data.eval_labels, max_length)
         self.num_train = len(data.train_labels)
+        self.train_lengths = self.train["attention_mask"].sum(-1)
+        # Evaluation order does not change the metrics; sorted by length, batches pad less.
+        order = self.eval["attention_mask"].sum(-1).argsort(descending=True, stable=True)
+        self.eval = {k: v[order] for k, v in self.eval.items()}
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """An endless stream of shuffled training batches (reshuffled each epoch)."""
+        """An endless stream of shuffled training batches (reshuffled each epoch).
+
+        Within windows of GROUP_WINDOW batches, examples are sorted by length before being cut
+        into batches, and the batches are then shuffled (like transformers' group_by_length):
+        batches pad only to their own longest example, so short sentences stop paying for
+        long ones, while the order of batches stays random.
+        """
         generator = torch.Generator().manual_seed(seed)
         size = min(batch_size, self.num_train)
+        window = size * GROUP_WINDOW
         while True:
             order = torch.randperm(self.num_train, generator=generator)
-            # The last partial batch of each epoch is dropped: every step sees `size` examples.
-            for start in range(0, self.num_train - size + 1, size):
-                yield _trim({k: v[order[start:start + size]] for k, v in self.train.items()})
+            batches = []
+            for start in range(0, self.num_train, window):
+                chunk = order[start:start + window]
+                chunk = chunk[self.train_lengths[chunk].argsort(descending=True, stable=True)]
+                # A last partial batch is dropped: every step sees `size` examples.
+                batches += [chunk[i:i + size] for i in range(0, len(chunk) - size + 1, size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                yield _trim({k: v[batches[b]] for k, v in self.train.items()})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
