@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -23,6 +24,7 @@ from peftlab.store import (
     TrialStatus,
     migrate,
 )
+from peftlab.store import _alembic_config
 from peftlab.store_models import Base
 
 
@@ -75,7 +77,8 @@ def test_migration_creates_tables_and_second_open_is_a_noop(empty_url: str) -> N
     with engine.connect() as connection:
         tables = set(inspect(connection).get_table_names())
         assert {"experiments", "trials", "trial_metrics"} <= tables
-        assert MigrationContext.configure(connection).get_current_heads() == ("0001",)
+        heads = ScriptDirectory.from_config(_alembic_config(connection)).get_heads()
+        assert MigrationContext.configure(connection).get_current_heads() == tuple(heads)
     engine.dispose()
 
 

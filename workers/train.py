@@ -58,13 +58,15 @@ def train(
     seed: int,
     device: torch.device,
     report: Callable[[dict], None],
+    after_step: Callable[[int], None] = lambda step: None,
     on_last_step: Callable[[], dict] = dict,
 ) -> dict:
     """Train for `settings.max_steps`, calling `report` after each evaluation.
 
     Every report carries the step, train loss (mean since the last report), eval metrics and
-    the costs so far. `on_last_step` runs after the final evaluation (saving the adapter)
-    and its dict joins the final report. Returns that final report.
+    the costs so far. `after_step` runs after each optimizer step while gradients still exist
+    (the method's own hook). `on_last_step` runs after the final evaluation (saving the
+    adapter) and its dict joins the final report. Returns that final report.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -90,6 +92,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        after_step(step)
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - started
         examples += len(batch["labels"])

@@ -97,4 +97,5 @@ def run_trial(config: dict, context: TrialContext) -> None:
         lr=hparams.get("lr", method.default_lr), weight_decay=hparams.get("weight_decay", 0.0),
     )
     train(model, task, settings, seed=seed, device=device,
-          report=lambda result: tune.report({**result, **static}), on_last_step=save_adapter)
+          report=lambda result: tune.report({**result, **static}),
+          after_step=lambda step: method.on_step(model, step, settings.max_steps), on_last_step=save_adapter)

@@ -180,6 +180,10 @@ class Method(ABC):
     def merge(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError(f"method {self.name} is not mergeable")
 
+    def on_step(self, model: nn.Module, step: int, max_steps: int) -> None:
+        """Called by the training loop after each optimizer step, before gradients are cleared
+        (`step` counts from 1 to max_steps): for methods that reshape themselves as they train."""
+
     def save(self, model: nn.Module, path: Path) -> None:
         """The trainable tensors as safetensors plus a json naming method, hyperparameters and task."""
         from safetensors.torch import save_file

@@ -1,0 +1,150 @@
+"""Plotly figures for the pages: each function takes an already-reduced DataFrame and returns
+a figure; none reads the store or touches Streamlit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+STATUS_COLORS = {"COMPLETED": "#2e8b57", "EARLY_STOPPED": "#e69f00", "FAILED": "#d62728",
+                 "RUNNING": "#1f77b4", "PENDING": "#999999"}
+VERDICT_COLORS = {"winner": "#2e8b57", "tied": "#e69f00", "": "#7f7f7f"}
+COSTS = {"trainable_params": "trainable parameters", "peak_memory_bytes": "peak memory (bytes)",
+         "train_seconds": "train time (s)"}
+
+
+def _tidy(fig: go.Figure, height: int = 420) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
+    return fig
+
+
+def status_bars(overview: pd.DataFrame, statuses: list[str]) -> go.Figure:
+    """Trials per experiment, stacked by status."""
+    counts = [s.lower() for s in statuses]
+    long = overview[["experiment", *counts]].melt(id_vars="experiment", var_name="status",
+                                                  value_name="trials")
+    long["status"] = long["status"].str.upper()
+    fig = px.bar(long, x="experiment", y="trials", color="status", color_discrete_map=STATUS_COLORS,
+                 title="Trials by status")
+    return _tidy(fig, 360)
+
+
+def leaderboard_ci(board: pd.DataFrame, metric: str) -> go.Figure:
+    """Each method's best configuration: mean with its 95% bootstrap interval, best first."""
+    fig = go.Figure()
+    for verdict, rows in board.groupby("verdict", sort=False):
+        fig.add_trace(go.Scatter(
+            x=rows["method"], y=rows["mean"], mode="markers", name=verdict or "other",
+            marker=dict(size=11, color=VERDICT_COLORS.get(verdict, "#7f7f7f")),
+            error_y=dict(type="data", array=rows["ci_hi"] - rows["mean"],
+                         arrayminus=rows["mean"] - rows["ci_lo"]),
+            customdata=np.stack([rows["ci_lo"], rows["ci_hi"], rows["n_seeds"]], axis=-1),
+            hovertemplate="%{x}: %{y:.4f}<br>95% CI %{customdata[0]:.4f} to %{customdata[1]:.4f}"
+                          "<br>%{customdata[2]} seed(s)<extra></extra>",
+        ))
+    fig.update_xaxes(categoryorder="array", categoryarray=list(board["method"]))
+    fig.update_layout(title="Best configuration per method: mean and 95% CI over seeds",
+                      yaxis_title=metric)
+    return _tidy(fig, 380)
+
+
+def domain_heatmap(score: pd.DataFrame, tasks: pd.DataFrame) -> go.Figure:
+    """Normalized score per method x domain, the number of tasks written in each cell."""
+    text = [[("" if pd.isna(v) else f"{v:+.4f}<br>{n} task{'s' if n != 1 else ''}")
+             for v, n in zip(srow, trow, strict=True)]
+            for srow, trow in zip(score.to_numpy(), tasks.to_numpy(), strict=True)]
+    fig = go.Figure(go.Heatmap(
+        z=score.to_numpy(), x=list(score.columns), y=list(score.index), text=text,
+        texttemplate="%{text}", colorscale="RdYlGn", zmax=0,
+        colorbar=dict(title="gap to best"),
+        hovertemplate="%{y} on %{x}: %{z:+.4f}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title="Difference to the best method on each task, averaged per domain")
+    return _tidy(fig, max(300, 60 * len(score.index) + 120))
+
+
+def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str) -> go.Figure:
+    """Points on log(cost) vs metric, coloured by method, the Pareto front as a staircase.
+    Trials (with a status: early-stopped ones open) or per-task method summaries (without)."""
+    hover = {"task": True, "trial_id": True, "hparams": True, "objective": ":.4f", cost: True}
+    if "status" in points:
+        shown = points.assign(status=points["status"].map(
+            {"EARLY_STOPPED": "early-stopped", "COMPLETED": "completed"}))
+        symbols = dict(symbol="status", symbol_map={"completed": "circle", "early-stopped": "circle-open"})
+        hover["seed"] = True
+    else:
+        shown, symbols = points, {}
+        hover["n_seeds"] = True
+    fig = px.scatter(shown, x=cost, y=y, color="method", log_x=True, hover_data=hover, **symbols)
+    fig.update_traces(marker=dict(size=10, line=dict(width=2)))  # open markers need a visible ring
+    front = points.loc[points["on_front"]].sort_values(cost)
+    fig.add_trace(go.Scatter(x=front[cost], y=front[y], mode="lines", line_shape="hv",
+                             name="Pareto front", line=dict(color="black", width=1.5, dash="dot"),
+                             hoverinfo="skip"))
+    fig.update_layout(title=f"{y_title} vs {COSTS[cost]} (log axis)", xaxis_title=COSTS[cost],
+                      yaxis_title=y_title)
+    return _tidy(fig, 480)
+
+
+def _dimension(values: pd.Series, label: str) -> dict:
+    """A parallel-coordinates axis: numeric as is (lr as log10), anything else as categories."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and values.map(lambda v: not isinstance(v, bool)).all():
+        if is_log_scale(label) and (numeric > 0).all():
+            return dict(label=f"log10({label})", values=np.log10(numeric))
+        return dict(label=label, values=numeric)
+    text = values.map(str)
+    categories = sorted(text.unique())
+    codes = text.map({c: i for i, c in enumerate(categories)})
+    return dict(label=label, values=codes, tickvals=list(range(len(categories))), ticktext=categories)
+
+
+def is_log_scale(name: str) -> bool:
+    """Learning rates (and weight decay) span decades: they get log axes."""
+    return name in ("lr", "learning_rate", "weight_decay") or name.endswith("_lr")
+
+
+def parallel(frame: pd.DataFrame, hparams: list[str], metric: str) -> go.Figure:
+    """One line per trial through its hyperparameters, early-stopped or not, and its metric."""
+    dims = [_dimension(frame[f"hp:{name}"], name) for name in hparams]
+    stopped = (frame["status"] == "EARLY_STOPPED").astype(int)
+    dims.append(dict(label="status", values=stopped, tickvals=[0, 1],
+                     ticktext=["completed", "early-stopped"]))
+    dims.append(dict(label=metric, values=frame["objective"]))
+    fig = go.Figure(go.Parcoords(
+        line=dict(color=frame["objective"], colorscale="Viridis", showscale=True,
+                  colorbar=dict(title=metric)),
+        dimensions=dims,
+    ))
+    fig.update_layout(title="Hyperparameters and metric, one line per trial")
+    return _tidy(fig, 420)
+
+
+def sensitivity_scatter(frame: pd.DataFrame, hparam: str, metric: str) -> go.Figure:
+    """Metric against one hyperparameter; early-stopped trials as open markers."""
+    column = f"hp:{hparam}"
+    values = frame[column]
+    numeric = pd.to_numeric(values, errors="coerce")
+    is_numeric = numeric.notna().all() and values.map(lambda v: not isinstance(v, bool)).all()
+    shown = frame.assign(**{column: numeric if is_numeric else values.map(str)},
+                         status=frame["status"].map({"EARLY_STOPPED": "early-stopped",
+                                                     "COMPLETED": "completed"}))
+    log = is_numeric and is_log_scale(hparam) and bool((numeric > 0).all())
+    fig = px.scatter(shown, x=column, y="objective", color="status", symbol="status", log_x=log,
+                     color_discrete_map={"completed": STATUS_COLORS["COMPLETED"],
+                                         "early-stopped": STATUS_COLORS["EARLY_STOPPED"]},
+                     symbol_map={"completed": "circle", "early-stopped": "circle-open"},
+                     hover_data={"trial_id": True, "seed": True})
+    fig.update_traces(marker=dict(size=9, line=dict(width=2)))
+    fig.update_layout(title=f"{metric} vs {hparam}{' (log axis)' if log else ''}",
+                      xaxis_title=hparam, yaxis_title=metric)
+    return _tidy(fig, 340)
+
+
+def curves(points: pd.DataFrame, title: str) -> go.Figure:
+    """Metric curves by step, one line per metric name."""
+    fig = px.line(points, x="step", y="value", color="name", markers=True, title=title)
+    return _tidy(fig, 340)

@@ -1,0 +1,144 @@
+"""The dashboard's statistics: bootstrap intervals over seeds, winners and ties, ranks, the
+normalized score per domain and Pareto membership. Pure numpy/pandas on already-reduced rows.
+
+Definitions (the dashboard states them where it shows them):
+- CI: 95% percentile bootstrap of the mean over a configuration's seeds, 2,000 resamples drawn
+  by `numpy.random.default_rng(0)` from the sorted values, so the same values always give the
+  same interval. One seed gives the single value as its interval.
+- Winner: the method whose best configuration has the best mean (highest score). Tied: a method
+  whose interval overlaps the winner's (lo <= winner's hi and hi >= winner's lo). Overlap is a
+  screen, not a test: non-overlapping 95% intervals do mean a real difference, overlapping
+  ones only fail to show one.
+- Rank: 1 = best mean on a task (experiment and task); equal means share the average rank.
+- Normalized score: the method's mean minus the best method's mean on the same task, in the
+  metric's units, signed so that 0 is the best and below 0 is worse (for a 'min' metric such
+  as loss, a method 0.02 above the best loss scores -0.02). A domain's cell is the average of
+  its tasks' normalized scores.
+- Pareto front: the trials that no other trial beats on both axes: none has a cost <= and a
+  score >= with one of the two strict.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+CONFIDENCE = 0.95
+RESAMPLES = 2_000
+SEED = 0
+BOARD = ["experiment", "task", "model"]
+"""A leaderboard is per task of an experiment: methods compete on the same data, model and metric."""
+
+
+def bootstrap_ci(
+    values, *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = SEED
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; (x, x) for one value, (nan, nan) for none."""
+    x = np.sort(np.asarray(values, dtype=float))
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    if x.size == 1 or x[0] == x[-1]:
+        return (float(x[0]), float(x[0]))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return (float(lo), float(hi))
+
+
+def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, method) from the seed rows of each method's best configuration.
+
+    `seeds` has one row per trial: BOARD columns, method, objective, score and costs. The
+    result has mean, ci_lo, ci_hi (of the objective), n_seeds, the mean costs, and the
+    best-first order of each board.
+    """
+    keys = [*BOARD, "method"]
+    firsts = [c for c in ("domain", "metric", "mode", "config", "hparams", "n_configs",
+                          "n_trials") if c in seeds.columns]
+    costs = [c for c in ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
+                         "peak_memory_bytes", "train_seconds", "samples_per_second")
+             if c in seeds.columns]
+    grouped = seeds.groupby(keys, sort=False)
+    out = grouped[firsts].first()
+    out["mean"] = grouped["objective"].mean()
+    out["score"] = grouped["score"].mean()
+    out["n_seeds"] = grouped["objective"].size()
+    intervals = [bootstrap_ci(values.to_numpy()) for _, values in grouped["objective"]]
+    out["ci_lo"] = [lo for lo, _ in intervals]
+    out["ci_hi"] = [hi for _, hi in intervals]
+    out[costs] = grouped[costs].mean()
+    # The seed that scored best is the trial the Trial page opens for this row.
+    out["best_trial"] = seeds.loc[grouped["score"].idxmax(), keys + ["trial_id"]].set_index(keys)["trial_id"]
+    out = out.reset_index()
+    out = mark_ties(out)
+    out["rank"] = ranks(out)
+    return out.sort_values([*BOARD, "score", "method"],
+                           ascending=[True] * len(BOARD) + [False, True], ignore_index=True)
+
+
+def mark_ties(summary: pd.DataFrame) -> pd.DataFrame:
+    """Add `verdict`: 'winner' (best mean per board), 'tied' (CI overlaps the winner's) or ''."""
+    out = summary.copy()
+    # Best mean score first; equal means are split by method name, so the winner is stable.
+    ordered = out.sort_values([*BOARD, "score", "method"],
+                              ascending=[True] * len(BOARD) + [False, True])
+    winner_idx = ordered.drop_duplicates(BOARD).index
+    winner = out.loc[winner_idx, [*BOARD, "ci_lo", "ci_hi"]].rename(
+        columns={"ci_lo": "w_lo", "ci_hi": "w_hi"})
+    merged = out[BOARD].merge(winner, on=BOARD, how="left")
+    overlaps = (out["ci_lo"].to_numpy() <= merged["w_hi"].to_numpy()) & (
+        out["ci_hi"].to_numpy() >= merged["w_lo"].to_numpy())
+    out["verdict"] = np.where(overlaps, "tied", "")
+    out.loc[winner_idx, "verdict"] = "winner"
+    return out
+
+
+def ranks(summary: pd.DataFrame) -> pd.Series:
+    """Rank of each method on its board: 1 = best mean score, ties share the average rank."""
+    return summary.groupby(BOARD, sort=False)["score"].rank(ascending=False, method="average")
+
+
+def normalized(summary: pd.DataFrame) -> pd.Series:
+    """Mean score minus the best mean score on the same board: 0 for the best, < 0 for worse."""
+    return summary["score"] - summary.groupby(BOARD, sort=False)["score"].transform("max")
+
+
+def domain_matrix(summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(normalized score, number of tasks) per method x domain, and ranks per method.
+
+    The rank table has the average rank over all tasks a method ran on, the number of those
+    tasks and, per domain, the average rank within it.
+    """
+    frame = summary.assign(normalized=normalized(summary), rank=ranks(summary))
+    score = frame.pivot_table(index="method", columns="domain", values="normalized", aggfunc="mean")
+    tasks = frame.pivot_table(index="method", columns="domain", values="normalized", aggfunc="size")
+    by_domain = frame.pivot_table(index="method", columns="domain", values="rank", aggfunc="mean")
+    overall = frame.groupby("method").agg(average_rank=("rank", "mean"), tasks=("rank", "size"))
+    rank_table = overall.join(by_domain.add_prefix("rank: ")).sort_values(["average_rank", "tasks"],
+                                                                            ascending=[True, False])
+    order = rank_table.index
+    return score.reindex(order), tasks.reindex(order).fillna(0).astype(int), rank_table.reset_index()
+
+
+def pareto_front(cost, score) -> np.ndarray:
+    """Boolean mask of the points not dominated when lower cost and higher score are better.
+
+    A point is dominated when another has cost <= and score >= with at least one strict;
+    equal points do not dominate each other. NaN in either coordinate is never on the front.
+    O(n log n): sort by cost, keep a running best score over strictly cheaper points.
+    """
+    cost = np.asarray(cost, dtype=float)
+    score = np.asarray(score, dtype=float)
+    front = np.zeros(cost.size, dtype=bool)
+    valid = np.flatnonzero(np.isfinite(cost) & np.isfinite(score))
+    if valid.size == 0:
+        return front
+    order = valid[np.lexsort((-score[valid], cost[valid]))]  # by cost, then best score first
+    c, s = cost[order], score[order]
+    # Best score at each distinct cost, and the best over all strictly cheaper costs.
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    top_at_cost = s[starts]
+    cheaper_best = np.r_[-np.inf, np.maximum.accumulate(top_at_cost)[:-1]]
+    group = np.cumsum(np.r_[True, c[1:] != c[:-1]]) - 1
+    front[order] = (s == top_at_cost[group]) & (top_at_cost[group] > cheaper_best[group])
+    return front

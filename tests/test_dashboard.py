@@ -1,0 +1,551 @@
+"""The dashboard through Streamlit's AppTest, on a fixture store written by the real store API.
+
+Expected numbers are computed here from the fixture's own lists, not through the dashboard's
+SQL: best configuration per method, mean and CI over seeds, winner and ties, ranks, normalized
+scores, Pareto membership. Also: the views on PostgreSQL, the read-only connection, the
+`peftlab dashboard` command's refusals, and that the dashboard imports neither Ray nor workers.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from streamlit.testing.v1 import AppTest
+from typer.testing import CliRunner
+
+from peftlab.cli import app as cli
+from peftlab.dashboard import queries, stats
+from peftlab.dashboard.pareto import ALL_TASKS
+from peftlab.dashboard.queries import Filters
+from peftlab.store import ResultsStore, TrialRecord, TrialStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "dashboard" / "app.py"
+PAGES = {"overview.py": "Overview", "leaderboard.py": "Leaderboard", "domains.py": "Methods x domains",
+         "pareto.py": "Pareto", "sensitivity.py": "Sensitivity", "trial.py": "Trial"}
+MIB = 2**20
+TOTAL_PARAMS = 22_700_000
+C, E, F, R = (TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED, TrialStatus.FAILED,
+              TrialStatus.RUNNING)
+RANKED = {"COMPLETED", "EARLY_STOPPED"}
+
+EXPERIMENTS = {  # name -> (metric, mode, model)
+    "cross": ("eval/accuracy", "max", "minilm"),
+    "loss-min": ("eval/loss", "min", "tiny-bert"),
+    "all-failed": ("eval/accuracy", "max", "minilm"),
+    "no-trials": ("eval/accuracy", "max", "minilm"),
+}
+TRAINABLE = {"lora": 300_000, "bitfit": 100_000, "full": TOTAL_PARAMS, "ia3": 50_000}
+# (experiment, task, domain, method, hparams, [(seed, status, objective)])
+GROUPS = [
+    ("cross", "sst2", "nlp/sentiment", "lora", {"r": 8, "lr": 1e-3}, [(0, C, .90), (1, C, .92), (2, C, .91)]),
+    ("cross", "sst2", "nlp/sentiment", "lora", {"r": 16, "lr": 3e-4}, [(0, C, .88), (1, C, .89), (2, E, .87)]),
+    ("cross", "sst2", "nlp/sentiment", "bitfit", {"lr": 1e-3}, [(0, C, .86), (1, C, .87), (2, E, .85)]),
+    ("cross", "sst2", "nlp/sentiment", "full", {"lr": 2e-5}, [(0, C, .905), (1, C, .925), (2, C, .93)]),
+    ("cross", "sst2", "nlp/sentiment", "lora", {"r": 4, "lr": 1e-2}, [(0, F, None)]),
+    ("cross", "sst2", "nlp/sentiment", "bitfit", {"lr": 5e-3}, [(0, R, 0.5)]),
+    ("cross", "fomc", "finance/monetary-policy", "lora", {"r": 8, "lr": 1e-3}, [(0, C, .60), (1, C, .62)]),
+    ("cross", "fomc", "finance/monetary-policy", "bitfit", {"lr": 1e-3}, [(0, C, .55), (1, E, .58)]),
+    ("cross", "fomc", "finance/monetary-policy", "full", {"lr": 2e-5}, [(0, C, .61), (1, C, .66)]),
+    ("loss-min", "banking77", "nlp/intent", "lora", {"r": 8, "lr": 1e-3}, [(0, C, .50), (1, C, .52)]),
+    ("loss-min", "banking77", "nlp/intent", "ia3", {"lr": 3e-3}, [(0, C, .45), (1, C, .47)]),
+    ("all-failed", "sst2", "nlp/sentiment", "lora", {"r": 8, "lr": 1e-3}, [(0, F, None), (1, F, None), (2, F, None)]),
+]
+CURVED = "cross-sst2-full-0-s2"  # the trial with metric curves (and the known trial of the Trial page)
+CURVE = {50: {"eval/accuracy": 0.80, "eval/loss": 0.50, "train/loss": 0.60},
+         100: {"eval/accuracy": 0.90, "eval/loss": 0.30, "train/loss": float("nan")},
+         150: {"eval/accuracy": 0.93, "eval/loss": 0.25, "train/loss": 0.20}}
+
+
+def fixture_trials() -> list[TrialRecord]:
+    base = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+    trials, index = [], defaultdict(int)
+    for experiment, task, domain, method, hparams, seeds in GROUPS:
+        config = index[(experiment, task, method)]
+        index[(experiment, task, method)] += 1
+        for seed, status, objective in seeds:
+            n = len(trials)
+            trainable = TRAINABLE[method]
+            started = base + timedelta(minutes=10 * n)
+            failed = status is F
+            trials.append(TrialRecord(
+                trial_id=f"{experiment}-{task}-{method}-{config}-s{seed}", experiment=experiment,
+                task=task, domain=domain, dataset=task, model=EXPERIMENTS[experiment][2],
+                method=method, seed=seed, hparams=hparams, status=status, objective=objective,
+                error=("OutOfMemoryError: CUDA out of memory" if experiment == "all-failed"
+                       else "NonFiniteLoss: training loss became nan at step 2") if failed else None,
+                trainable_params=trainable, total_params=TOTAL_PARAMS,
+                trainable_pct=100.0 * trainable / TOTAL_PARAMS,
+                adapter_bytes=None if failed else 4 * trainable + 1000 * seed,
+                peak_memory_bytes=(800 + 7 * n + 50 * len(hparams)) * MIB,
+                train_seconds=None if failed else 60.0 + trainable / 1e5 + 3 * seed + config,
+                samples_per_second=None if failed else 40.0 - seed - config,
+                steps=None if failed else 150, final_metrics={}, best_metrics={},
+                mlflow_run_id=f"run{n:04d}", node="node-1", started_at=started,
+                finished_at=None if status is R else started + timedelta(minutes=9),
+            ))
+    return trials
+
+
+def write_fixture_store(url: str) -> list[TrialRecord]:
+    """The fixture, written through ResultsStore exactly as the recorder writes a sweep."""
+    store = ResultsStore(url)
+    for name, (metric, mode, _model) in EXPERIMENTS.items():
+        store.create_experiment(name, {"name": name}, f"hash-{name}", metric, mode, "abc123",
+                                {"torch": "2.13.0"})
+    trials = fixture_trials()
+    for record in trials:
+        store.upsert_trial(record)
+    for step, metrics in CURVE.items():
+        store.add_metrics(CURVED, step, metrics)
+    store.close()
+    return trials
+
+
+# -- expected values, straight from the fixture --------------------------------------------------
+
+def expected_summary(trials, statuses=RANKED, methods=None) -> pd.DataFrame:
+    """Per (experiment, task, method): the best configuration by mean over seeds, its stats."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for t in trials:
+        if t.status.value in statuses and t.objective is not None and (methods is None or t.method in methods):
+            groups[(t.experiment, t.task, t.method)][json.dumps(t.hparams)].append(t)
+    rows = []
+    for (experiment, task, method), configs in groups.items():
+        sign = 1 if EXPERIMENTS[experiment][1] == "max" else -1
+        best = max(configs, key=lambda c: sign * np.mean([t.objective for t in configs[c]]))
+        chosen = configs[best]
+        values = [t.objective for t in chosen]
+        lo, hi = stats.bootstrap_ci(values)
+        rows.append(dict(
+            experiment=experiment, task=task, method=method, mean=np.mean(values), ci_lo=lo, ci_hi=hi,
+            score=sign * np.mean(values), n_seeds=len(values), n_configs=len(configs),
+            n_trials=sum(len(v) for v in configs.values()), hparams=best,
+            trainable_params=chosen[0].trainable_params, trainable_pct=chosen[0].trainable_pct,
+            adapter_mib=np.mean([t.adapter_bytes for t in chosen]) / MIB,
+            peak_memory_mib=np.mean([t.peak_memory_bytes for t in chosen]) / MIB,
+            train_seconds=np.mean([t.train_seconds for t in chosen]),
+            samples_per_second=np.mean([t.samples_per_second for t in chosen]),
+            best_trial=max(chosen, key=lambda t: sign * t.objective).trial_id,
+        ))
+    frame = pd.DataFrame(rows)
+    verdicts, ranks = [], []
+    for _, row in frame.iterrows():
+        board = frame[(frame.experiment == row.experiment) & (frame.task == row.task)]
+        winner = board.loc[board["score"].idxmax()]
+        overlap = row.ci_lo <= winner.ci_hi and row.ci_hi >= winner.ci_lo
+        verdicts.append("winner" if row.method == winner.method else "tied" if overlap else "")
+        ranks.append(1 + (board["score"] > row.score).sum())  # no equal means in the fixture
+    return frame.assign(verdict=verdicts, rank=np.array(ranks, dtype=float))
+
+
+def brute_force_front(cost: list[float], score: list[float]) -> list[bool]:
+    points = list(zip(cost, score, strict=True))
+    return [not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fixture_store(tmp_path_factory) -> tuple[str, list[TrialRecord]]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'results.db'}"
+    return url, write_fixture_store(url)
+
+
+@pytest.fixture
+def store_env(fixture_store, monkeypatch) -> list[TrialRecord]:
+    monkeypatch.setenv("PEFTLAB_STORE_URL", fixture_store[0])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return fixture_store[1]
+
+
+def page(name: str, *, query: dict | None = None, filters: dict | None = None) -> AppTest:
+    """Run the app on one page (after the first run registers the navigation), filters set."""
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params.update(query or {})
+    at.run()
+    if name != "overview.py":
+        at.switch_page(name).run()
+    for key, values in (filters or {}).items():
+        at.multiselect(key=f"filter_{key}").set_value(values)
+    if filters:
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == PAGES[name]
+    return at
+
+
+def table(at: AppTest, index: int = 0) -> pd.DataFrame:
+    return at.dataframe[index].value
+
+
+def decoded(value):
+    """Plotly 6 sends numeric arrays as {dtype, bdata[, shape]}: turn them back into lists."""
+    if isinstance(value, dict) and "bdata" in value and "dtype" in value:
+        array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        if "shape" in value:
+            array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+        return array.tolist()
+    if isinstance(value, dict):
+        return {key: decoded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [decoded(item) for item in value]
+    return value
+
+
+def figures(at: AppTest) -> list[dict]:
+    """The page's Plotly figures as plain data."""
+    return [decoded(json.loads(chart.proto.spec)) for chart in at.get("plotly_chart")]
+
+
+def assert_every_table_downloads(at: AppTest) -> None:
+    assert len(at.get("download_button")) == len(at.dataframe) > 0
+
+
+# -- pages -----------------------------------------------------------------------------------------
+
+def test_overview_counts_match_the_fixture_and_follow_filters(store_env) -> None:
+    trials = store_env
+    at = page("overview.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Experiments"] == str(len(EXPERIMENTS)) and metrics["Trials"] == str(len(trials))
+    assert metrics["Failed"] == str(sum(t.status is F for t in trials))
+    shown = table(at).set_index("experiment")
+    for name in EXPERIMENTS:
+        mine = [t for t in trials if t.experiment == name]
+        assert shown.loc[name, "trials"] == len(mine)
+        for status in TrialStatus:
+            assert shown.loc[name, status.value.lower()] == sum(t.status is status for t in mine)
+    assert shown.loc["cross", "tasks"] == 2 and set(shown.loc["cross", "domains"].split(", ")) == {
+        "nlp/sentiment", "finance/monetary-policy"}
+    assert shown.loc["loss-min", "models"] == "tiny-bert"
+    assert shown.loc["no-trials", "trials"] == 0
+    assert_every_table_downloads(at)
+
+    at = page("overview.py", filters={"method": ["bitfit"]})
+    shown = table(at).set_index("experiment")
+    assert list(shown.index) == ["cross"]
+    assert shown.loc["cross", "trials"] == sum(t.method == "bitfit" for t in trials)
+
+
+LEADERBOARD_COLUMNS = ["mean", "ci_lo", "ci_hi", "n_seeds", "n_configs", "n_trials", "verdict", "rank",
+                       "trainable_params", "trainable_pct", "adapter_mib", "peak_memory_mib",
+                       "train_seconds", "samples_per_second", "hparams", "best_trial"]
+
+
+def assert_leaderboard(shown: pd.DataFrame, expected: pd.DataFrame) -> None:
+    keys = ["experiment", "task", "method"]
+    shown, expected = shown.set_index(keys).sort_index(), expected.set_index(keys).sort_index()
+    assert list(shown.index) == list(expected.index)
+    for column in LEADERBOARD_COLUMNS:
+        if not pd.api.types.is_numeric_dtype(expected[column]):
+            assert list(shown[column]) == list(expected[column]), column
+        else:
+            np.testing.assert_allclose(shown[column].astype(float), expected[column].astype(float),
+                                       rtol=1e-12, err_msg=column)
+
+
+def test_leaderboard_numbers_equal_the_fixture(store_env) -> None:
+    at = page("leaderboard.py")
+    expected = expected_summary(store_env)
+    assert_leaderboard(table(at), expected)
+    board = expected[(expected.experiment == "cross") & (expected.task == "fomc")]
+    assert dict(zip(board.method, board.verdict, strict=True)) == {"full": "winner", "lora": "tied", "bitfit": ""}
+    winner = board[board.verdict == "winner"].iloc[0]
+    summary_line = at.markdown[0].value
+    assert f"Winner on fomc: {winner.method}" in summary_line and f"{winner['mean']:.4f}" in summary_line
+    assert "Tied with it: lora." in summary_line
+    # The chart shows the same means and intervals, best first.
+    points = {name: y for trace in figures(at)[0]["data"] for name, y in zip(trace["x"], trace["y"], strict=True)}
+    assert points == pytest.approx(dict(zip(board.method, board["mean"], strict=True)))
+    assert_every_table_downloads(at)
+    # The other boards: a min-mode experiment (lower loss wins) and sst2's three-way contest.
+    loss = expected[expected.experiment == "loss-min"].set_index("method")
+    assert loss.loc["ia3", "verdict"] == "winner" and loss.loc["lora", "verdict"] == ""
+    sst2 = expected[(expected.experiment == "cross") & (expected.task == "sst2")].set_index("method")
+    assert sst2.loc["lora", "hparams"] == json.dumps({"r": 8, "lr": 1e-3})
+    assert list(sst2.sort_values("rank").index) == ["full", "lora", "bitfit"]
+
+
+def test_leaderboard_filters_change_what_is_shown(store_env) -> None:
+    at = page("leaderboard.py", filters={"method": ["lora", "bitfit"]})
+    assert_leaderboard(table(at), expected_summary(store_env, methods={"lora", "bitfit"}))
+    at.selectbox(key="leaderboard_board").set_value("sst2  ·  cross  ·  minilm").run()
+    assert "Winner on sst2: lora" in at.markdown[0].value
+
+    at = page("leaderboard.py", filters={"status": ["COMPLETED"]})
+    shown = table(at).set_index(["experiment", "task", "method"])
+    assert shown.loc[("cross", "sst2", "bitfit"), "n_seeds"] == 2  # its early-stopped seed is out
+    assert_leaderboard(table(at), expected_summary(store_env, statuses={"COMPLETED"}))
+
+
+def test_methods_by_domains_heat_map_and_ranks(store_env) -> None:
+    at = page("domains.py")
+    expected = expected_summary(store_env)
+    domain = {"sst2": "nlp/sentiment", "fomc": "finance/monetary-policy", "banking77": "nlp/intent"}
+    expected["domain"] = expected.task.map(domain)
+    expected["normalized"] = expected.score - expected.groupby(["experiment", "task"]).score.transform("max")
+    cells = table(at, 1).set_index(["method", "domain"])
+    for (method, dom), rows in expected.groupby(["method", "domain"]):
+        assert cells.loc[(method, dom), "normalized"] == pytest.approx(rows.normalized.mean())
+        assert cells.loc[(method, dom), "tasks"] == len(rows)
+    ranks = table(at, 0).set_index("method")
+    for method, rows in expected.groupby("method"):
+        assert ranks.loc[method, "average_rank"] == pytest.approx(rows["rank"].mean())
+        assert ranks.loc[method, "tasks"] == len(rows)
+    assert list(ranks.index[:2]) == ["full", "ia3"]  # both 1.0; full over more tasks
+    assert ranks.loc["lora", "average_rank"] == 2.0
+    heat = figures(at)[0]["data"][0]
+    z = pd.DataFrame(heat["z"], index=heat["y"], columns=heat["x"])
+    assert z.loc["lora", "nlp/intent"] == pytest.approx(-0.05) and z.loc["bitfit", "nlp/sentiment"] == pytest.approx(-0.06)
+    assert "Best average rank: **full**, **1.00** over 2 task(s)" in at.markdown[0].value
+    assert_every_table_downloads(at)
+
+
+def test_pareto_front_matches_brute_force(store_env) -> None:
+    at = page("pareto.py")  # default: the first task, cross / fomc, against trainable params
+    fomc = [t for t in store_env if t.experiment == "cross" and t.task == "fomc" and t.status.value in RANKED]
+    on_front = brute_force_front([t.trainable_params for t in fomc], [t.objective for t in fomc])
+    expected = sorted(t.trial_id for t, keep in zip(fomc, on_front, strict=True) if keep)
+    assert sorted(table(at)["trial_id"]) == expected
+    assert f"**{len(expected)}** of {len(fomc)} trials" in at.markdown[0].value
+    traces = figures(at)[0]["data"]
+    front = next(t for t in traces if t["name"] == "Pareto front")
+    assert len(front["x"]) == len(expected) and figures(at)[0]["layout"]["xaxis"]["type"] == "log"
+    assert_every_table_downloads(at)
+
+    at.radio(key="pareto_cost").set_value("peak_memory_bytes").run()
+    on_front = brute_force_front([t.peak_memory_bytes for t in fomc], [t.objective for t in fomc])
+    assert sorted(table(at)["trial_id"]) == sorted(t.trial_id for t, k in zip(fomc, on_front, strict=True) if k)
+
+    # Across tasks: each method's best configuration per task (the leaderboard's rows) on the
+    # gap to the task's best method, costs averaged over the configuration's seeds.
+    at.selectbox(key="pareto_board").set_value(ALL_TASKS).run()
+    summary = expected_summary(store_env)
+    gaps = summary.score - summary.groupby(["experiment", "task"]).score.transform("max")
+    on_front = brute_force_front(list(summary.peak_memory_mib), list(gaps))
+    shown = table(at)
+    assert sorted(shown["trial_id"]) == sorted(summary.best_trial[on_front])
+    assert shown.set_index("trial_id")["gap"].to_dict() == pytest.approx(
+        dict(zip(summary.best_trial[on_front], gaps[on_front], strict=True)))
+
+
+def test_sensitivity_shows_hyperparameters_and_early_stopping(store_env) -> None:
+    at = page("sensitivity.py", filters={"experiment": ["cross"], "task": ["sst2"]})
+    # The most searched method (most configurations) is listed first.
+    assert at.selectbox(key="sensitivity_method").options[0] == "lora"
+    at.selectbox(key="sensitivity_method").set_value("lora").run()
+    lora = [t for t in store_env if t.experiment == "cross" and t.task == "sst2" and t.method == "lora"
+            and t.status.value in RANKED]
+    stopped = sum(t.status is E for t in lora)
+    line = at.markdown[0].value
+    assert f"**{len(lora)}** finished trial(s), {stopped} early-stopped" in line
+    assert f"**{max(t.objective for t in lora):.4f}**" in line
+    charts = figures(at)
+    assert charts[0]["data"][0]["type"] == "parcoords"
+    labels = [d["label"] for d in charts[0]["data"][0]["dimensions"]]
+    assert labels == ["r", "log10(lr)", "status", "eval/accuracy"]
+    by_title = {c["layout"]["title"]["text"]: c for c in charts[1:]}
+    lr = by_title["eval/accuracy vs lr (log axis)"]
+    assert lr["layout"]["xaxis"]["type"] == "log"
+    assert {trace["name"] for trace in lr["data"]} == {"completed", "early-stopped"}
+    assert sorted(table(at)["trial_id"]) == sorted(t.trial_id for t in lora)
+    assert_every_table_downloads(at)
+
+    # A method with one configuration says so instead of drawing empty axes.
+    at.selectbox(key="sensitivity_method").set_value("full").run()
+    assert "same hyperparameters" in at.info[0].value
+
+
+def test_trial_page_curves_costs_error_and_mlflow_link(store_env, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000/")
+    record = next(t for t in store_env if t.trial_id == CURVED)
+    at = page("trial.py", query={"trial": CURVED})
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["eval/accuracy"] == f"{record.objective:.4f}"
+    assert metrics["Trainable params"] == f"{record.trainable_params:,}"
+    assert metrics["Trainable %"] == f"{record.trainable_pct:.3f}"
+    assert metrics["Train time"] == f"{record.train_seconds:.1f} s"
+    assert any(f"http://127.0.0.1:5000/#/runs/{record.mlflow_run_id}" in m.value for m in at.markdown)
+    curves = table(at).set_index("step")
+    for step, values in CURVE.items():
+        for name, value in values.items():
+            assert curves.loc[step, name] == pytest.approx(value, nan_ok=True)
+    assert {trace["name"] for fig in figures(at) for trace in fig["data"]} == {
+        "eval/accuracy", "eval/loss", "train/loss"}
+    assert_every_table_downloads(at)
+
+    failed = next(t for t in store_env if t.status is F and t.experiment == "cross")
+    at.text_input(key="trial_id").set_value(failed.trial_id).run()
+    assert at.error[0].value == f"Failed: {failed.error}"
+    assert not at.exception
+
+
+def test_trial_picker_follows_filters(store_env) -> None:
+    at = page("trial.py", filters={"method": ["ia3"]})
+    options = at.selectbox(key="trial_pick").options
+    ia3 = [t for t in store_env if t.method == "ia3"]
+    assert len(options) == len(ia3)
+    # Most recently started first.
+    assert max(ia3, key=lambda t: t.started_at).trial_id in options[0]
+
+
+def test_all_failed_experiment_shows_its_empty_state_on_every_page(store_env) -> None:
+    for name in PAGES:
+        at = page(name, filters={"experiment": ["all-failed"]})
+        if name == "overview.py":
+            assert at.metric[0].value == "1" and {m.label: m.value for m in at.metric}["Failed"] == "3"
+        elif name == "trial.py":
+            assert all("FAILED" in option for option in at.selectbox(key="trial_pick").options)
+        else:
+            assert "3 failed" in at.info[0].value
+            failed = table(at)
+            assert list(failed["error"]) == ["OutOfMemoryError: CUDA out of memory"]
+            assert list(failed["trials"]) == [3]
+
+
+def test_filters_that_match_nothing_say_so(store_env) -> None:
+    at = page("leaderboard.py", filters={"experiment": ["no-trials"]})
+    assert "No finished trial" in at.info[0].value
+    at = page("overview.py", filters={"experiment": ["cross"], "method": ["ia3"]})
+    assert at.info[0].value == "No trials match the filters in the sidebar."
+
+
+def test_empty_store_shows_the_empty_state_on_every_page(tmp_path, monkeypatch) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    ResultsStore(url).close()
+    monkeypatch.setenv("PEFTLAB_STORE_URL", url)
+    for name in PAGES:
+        at = page(name)
+        assert "holds no experiments yet" in at.info[0].value
+
+
+def test_missing_or_unmigrated_store_is_an_error_not_a_traceback(tmp_path, monkeypatch) -> None:
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    monkeypatch.setenv("PEFTLAB_STORE_URL", missing)
+    at = page("overview.py")
+    assert "no results store at" in at.error[0].value
+    assert not (tmp_path / "missing.db").exists()  # reading never creates a file
+
+    (tmp_path / "old.db").touch()
+    monkeypatch.setenv("PEFTLAB_STORE_URL", f"sqlite:///{tmp_path / 'old.db'}")
+    at = page("leaderboard.py")
+    assert "run: peftlab migrate --store" in at.error[0].value
+
+
+# -- storage: views on PostgreSQL, read-only connections -------------------------------------------
+
+def read_all(url: str) -> dict[str, pd.DataFrame]:
+    engine = queries.open_engine(url)
+    everything = Filters()
+    with engine.connect() as connection:
+        frames = {
+            "overview": queries.overview(connection, everything).drop(columns=["created_at", "models", "domains"]),
+            "leaderboard": queries.leaderboard_seeds(connection, everything),
+            "pareto": queries.pareto_points(connection, everything, None),
+            "failures": queries.failures(connection, Filters(experiment=("all-failed",))),
+            "curves": queries.curves(connection, CURVED),
+            "choices": queries.trial_choices(connection, Filters(method=("lora",)), 100)[0],
+        }
+    engine.dispose()
+    return frames
+
+
+@pytest.mark.postgres
+def test_views_give_the_same_answers_on_postgresql(fixture_store, postgres_url) -> None:
+    write_fixture_store(postgres_url)
+    sqlite_frames, postgres_frames = read_all(fixture_store[0]), read_all(postgres_url)
+    for name, expected in sqlite_frames.items():
+        # Row order may follow each server's text collation: compare sorted rows.
+        expected = expected.sort_values(list(expected.columns[:6])).reset_index(drop=True)
+        got = postgres_frames[name]
+        got = got.sort_values(list(got.columns[:6])).reset_index(drop=True)
+        for column in ("first_started", "last_finished"):
+            if column in expected:
+                expected[column] = pd.to_datetime(expected[column], utc=True)
+                got[column] = pd.to_datetime(got[column], utc=True)
+        pd.testing.assert_frame_equal(got, expected, check_dtype=False, obj=name)
+    summary = stats.summarize(postgres_frames["leaderboard"])
+    assert_leaderboard(summary.assign(adapter_mib=summary.adapter_bytes / MIB,
+                                      peak_memory_mib=summary.peak_memory_bytes / MIB,
+                                      best_trial=summary.best_trial),
+                       expected_summary(fixture_store[1]))
+
+
+@pytest.mark.postgres
+def test_postgresql_connection_is_read_only_and_views_downgrade(postgres_url) -> None:
+    write_fixture_store(postgres_url)
+    engine = queries.open_engine(postgres_url)
+    with engine.connect() as connection, pytest.raises(DBAPIError, match="read-only"):
+        connection.execute(text("DELETE FROM trials"))
+    engine.dispose()
+    downgrade_and_check(postgres_url)
+
+
+def downgrade_and_check(url: str) -> None:
+    """Revision 0002's downgrade drops exactly its views; upgrading again restores them."""
+    from importlib.resources import files
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(files("peftlab.sql") / "migrations"))
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+        assert not set(inspect(connection).get_view_names()) & {"dashboard_trials", "dashboard_experiments", "dashboard_curves"}
+        command.upgrade(config, "head")
+        assert {"dashboard_trials", "dashboard_experiments", "dashboard_curves"} <= set(inspect(connection).get_view_names())
+    engine.dispose()
+
+
+def test_sqlite_connection_is_read_only_and_views_downgrade(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    write_fixture_store(url)
+    engine = queries.open_engine(url)
+    with engine.connect() as connection, pytest.raises(DBAPIError, match="readonly|read-only|query_only"):
+        connection.execute(text("DELETE FROM trials"))
+    engine.dispose()
+    downgrade_and_check(url)
+
+
+# -- the command and the module boundaries ---------------------------------------------------------
+
+def test_dashboard_command_refuses_a_missing_or_unmigrated_store(tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["dashboard", "--store", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: no results store at")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "none.db").exists()
+    (tmp_path / "old.db").touch()
+    result = runner.invoke(cli, ["dashboard", "--store", f"sqlite:///{tmp_path / 'old.db'}"])
+    assert result.exit_code == 2 and "peftlab migrate --store" in result.stderr
+
+
+def test_dashboard_imports_no_ray_no_workers_and_pages_hold_no_sql() -> None:
+    modules = sorted(p.stem for p in (ROOT / "dashboard").glob("*.py") if p.stem not in ("__init__", "app"))
+    code = ("import sys\n" + "".join(f"import peftlab.dashboard.{m}\n" for m in modules)
+            + "bad = [m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'peftlab.workers'))]\n"
+              "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT / "tests")
+    for name in PAGES:
+        tree = ast.parse((ROOT / "dashboard" / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m and m.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg")}, name
+        source = (ROOT / "dashboard" / name).read_text()
+        assert not re.search(r"\bSELECT\s|\bselect\(|\.execute\(", source), name

@@ -1,0 +1,103 @@
+"""Bone / BAT through peft's MissConfig (peft renamed Bone to MiSS): block updates of size b, b * d_out per layer.
+`bone` is the paper's BAT ("Weight Guide", init_weights="bat"); `bone_simple` is peft's default MiSS shard."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from peft import MissConfig, TaskType
+from torch import nn
+
+from peftlab.errors import UserError
+
+from .base import HParam, TaskInfo, head_param_count
+from .peft_backed import PeftMethod, targeted
+from .registry import register
+
+
+class _Miss(PeftMethod):
+    """Shared body; subclasses pick peft's init_weights and which dimensions the block size must divide."""
+
+    init_weights: ClassVar[bool | str]
+    divides_d_out: ClassVar[bool]
+    mergeable = True
+    identity_at_init = True  # B starts at zero in both variants
+    default_lr = 3e-4
+    formula = "block_size*d_out per target layer + head"
+    hparams = (
+        HParam("block_size", int, 64, "block size b (peft's r)", low=1, size=True),
+        HParam(
+            "target_modules", list, ["query", "value"],
+            "linear layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded)",
+            choices=("all-linear",),
+        ),
+    )
+
+    def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> MissConfig:
+        targets = hp["target_modules"]
+        return MissConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=hp["block_size"],
+            init_weights=self.init_weights,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            modules_to_save=list(task.head_modules),
+        )
+
+    def _fits(self, b: int, layer: nn.Linear) -> bool:
+        return layer.in_features % b == 0 and (not self.divides_d_out or layer.out_features % b == 0)
+
+    def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
+        problems = super()._problems(model, hp, task)
+        if problems:
+            return problems
+        b = hp["block_size"]
+        bad = {name: m for name, m in targeted(model, self.peft_config(model, hp, task)) if not self._fits(b, m)}
+        if not bad:
+            return []
+        what = "d_in and d_out" if self.divides_d_out else "d_in"
+        shapes = sorted({f"{m.in_features} -> {m.out_features}" for m in bad.values()})
+        return [f"block_size={b} must divide {what} of every target layer; it does not for "
+                f"{len(bad)} layer(s) (e.g. {next(iter(bad))}) of shape (d_in -> d_out) {', '.join(shapes)}"]
+
+    def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
+        return sum(hp["block_size"] * m.out_features for _, m in targeted(model, self.peft_config(model, hp, task)))
+
+    def size_for_budget(self, model: nn.Module, hparams: dict, task: TaskInfo, budget: int) -> dict:
+        """The block size closest to the budget among those that fit every target layer (the generic
+        search would also try block sizes that do not divide the layers)."""
+        hp = self.resolve(hparams)
+        layers = [m for _, m in targeted(model, self.peft_config(model, {**hp, "block_size": 1}, task))]
+        if not layers:
+            raise UserError(f"no target layer found for target_modules={hp['target_modules']}",
+                            where=f"method {self.name}")
+        fitting = [b for b in range(1, min(m.in_features for m in layers) + 1) if all(self._fits(b, m) for m in layers)]
+        budget -= head_param_count(model, task)
+        best = min(fitting, key=lambda b: (abs(self._count(model, {**hp, "block_size": b}, task) - budget), b))
+        return {**hp, "block_size": best}
+
+
+@register
+class Bone(_Miss):
+    """BAT: W split into b x b blocks W_ab (a: output-row block, c: input-column block);
+    W'_ac = W_ac + W_ac B_a + B_a with one b x b matrix B_a per output-row block (peft stores
+    them as miss_block of shape (d_out/b, b, b)). The update depends on W, so peft materialises W'
+    in every forward."""
+
+    name = "bone"
+    summary = "BAT (Bone's weight guide): a b x b matrix B_a per output-row block, dW_ac = W_ac B_a + B_a, and the head"
+    paper = "Kang 2024, Bone: Block-Affine Adaptation of Large Language Models (now MiSS), arXiv 2409.15371"
+    init_weights = "bat"
+    divides_d_out = True
+
+
+@register
+class BoneSimple(_Miss):
+    """peft's default MiSS (Bone without the weight guide): one b x d_out matrix B, the same update
+    B^T added to every b-wide input block, W' = W + [B^T, B^T, ...]; x is summed over its input blocks
+    and multiplied by B, so W is not materialised. peft itself would pad a d_in that b does not divide;
+    we require b | d_in (METHODS.md), and nothing of d_out."""
+
+    name = "bone_simple"
+    summary = "Bone/MiSS shard: one b x d_out matrix shared by every input block, W' = W + [B^T, B^T, ...], and the head"
+    paper = Bone.paper
+    init_weights = True
+    divides_d_out = False
