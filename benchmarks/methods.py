@@ -48,6 +48,7 @@ def measure(method_name: str, steps: int, warmup: int, threads: int) -> dict:
             sized = method.size_for_budget(shapes, {}, task, budget)
             hparams = {} if method.check_applicable(shapes, sized, task) else sized
         model = method.apply(model, hparams, task)
+    model.train()  # dropout on, as in training: some methods pay for it (see DoRA)
     params = [p for p in model.parameters() if p.requires_grad and method_name != FORWARD]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -62,7 +62,7 @@ ROWS = [
     Case(
         "dora", {"r": 4}, lora_count(4, ("query", "value"), dora=True), peft_owned("lora_"),
         lambda: LoraConfig(
-            task_type="SEQ_CLS", r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
+            task_type="SEQ_CLS", r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
             use_dora=True,
         ),
     ),

@@ -2,6 +2,7 @@
 Update y = W x + s B A x with s = alpha/r (alpha/sqrt(r) with rsLoRA); B starts at zero."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 from peft import LoraConfig, TaskType
@@ -73,3 +74,11 @@ class Dora(Lora):
     paper = "Liu et al. 2024, DoRA, arXiv 2402.09353"
     formula = "r*(d_in+d_out) + d_out per target layer + head"
     use_dora = True
+    # With dropout on the adapter's input, peft's DoRA runs the frozen layer a second time on
+    # the dropped input (a full extra matmul per target per step); without it, it reuses the
+    # base output. So DoRA defaults to no dropout; set `dropout` to pay for it deliberately.
+    hparams = tuple(
+        replace(h, default=0.0, doc=h.doc + " (costs DoRA a second pass of the frozen layer)")
+        if h.name == "dropout" else h
+        for h in Lora.hparams
+    )
