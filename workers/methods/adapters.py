@@ -3,7 +3,7 @@ attention and FFN outputs) and AdaptFormer (parallel to the FFN, scaled). Neithe
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch import nn
