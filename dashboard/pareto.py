@@ -5,7 +5,6 @@ from __future__ import annotations
 import streamlit as st
 
 from peftlab.dashboard import charts, loaders, widgets
-from peftlab.dashboard.queries import BOARD
 
 ALL_TASKS = "All tasks: each method's best configuration per task"
 COSTS = {"trainable_params": "Trainable parameters", "peak_memory_bytes": "Peak memory",
@@ -15,11 +14,9 @@ COSTS = {"trainable_params": "Trainable parameters", "peak_memory_bytes": "Peak 
 def render() -> None:
     st.title("Pareto")
     ctx = widgets.context()
-    boards = loaders.boards(ctx.url, ctx.filters)
-    if boards.empty:
-        widgets.no_finished_trials(ctx)
+    if (found := widgets.boards(ctx)) is None:
         return
-    keys = [tuple(row) for row in boards[list(BOARD)].itertuples(index=False)]
+    boards, keys = found
     labels = [ALL_TASKS] + [widgets.board_label(*key) for key in keys]
     left, right = st.columns([3, 2])
     with left:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import streamlit as st
 
 from peftlab.dashboard import charts, loaders, widgets
-from peftlab.dashboard.queries import BOARD
 
 
 def render() -> None:
     st.title("Sensitivity")
     ctx = widgets.context()
-    boards = loaders.boards(ctx.url, ctx.filters)
-    if boards.empty:
-        widgets.no_finished_trials(ctx)
+    if (found := widgets.boards(ctx)) is None:
         return
-    keys = [tuple(row) for row in boards[list(BOARD)].itertuples(index=False)]
+    boards, keys = found
     labels = [widgets.board_label(*key) for key in keys]
     left, right = st.columns(2)
     with left:

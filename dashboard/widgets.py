@@ -13,7 +13,7 @@ from sqlalchemy.exc import ArgumentError
 
 from peftlab import settings
 from peftlab.dashboard import loaders
-from peftlab.dashboard.queries import STATUSES, Filters
+from peftlab.dashboard.queries import BOARD, STATUSES, Filters
 
 FILTERS = {"experiment": "Experiment", "domain": "Domain", "task": "Task", "model": "Model",
            "method": "Method", "status": "Status"}
@@ -86,6 +86,16 @@ def table(frame: pd.DataFrame, name: str, *, column_config: dict | None = None,
 
 def empty(message: str) -> None:
     st.info(message)
+
+
+def boards(ctx: Context) -> tuple[pd.DataFrame, list[tuple]] | None:
+    """The (experiment, task, model) boards with finished trials under the filters, and their
+    keys; None once the empty state is shown."""
+    found = loaders.boards(ctx.url, ctx.filters)
+    if found.empty:
+        no_finished_trials(ctx)
+        return None
+    return found, [tuple(row) for row in found[list(BOARD)].itertuples(index=False)]
 
 
 def no_finished_trials(ctx: Context) -> None:
