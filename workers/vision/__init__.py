@@ -1,0 +1,1 @@
+"""Vision backbones for image-classification tasks (CIFAR-style ResNets with pretrained weights)."""
