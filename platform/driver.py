@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import platform as _stdlib_platform
+import re
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,6 +121,20 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def check_ray_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when a cluster address does not answer; Ray itself
+    would retry its connection for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if match is None:
+        raise UserError(f"cannot use Ray address '{address}': expected HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -216,6 +232,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     """
     console = console or Console()
     preflight(spec, source=source)
+    check_ray_reachable(settings.ray_address(address))
     store_url, tracking_uri = settings.store_url(store_url), settings.tracking_uri(tracking_uri)
     store = ResultsStore(store_url)
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.

@@ -134,3 +134,22 @@ def test_readme_methods_table_is_the_registry():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- methods:start -->\n", 1)[1].split("<!-- methods:end -->", 1)[0]
     assert section == result.stdout, "README's methods table is stale: regenerate with `peftlab methods --format markdown`"
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:1", "cannot reach Ray at 127.0.0.1:1"),
+    ("ray://127.0.0.1:1", "cannot reach Ray at ray://127.0.0.1:1"),
+    ("not an address", "cannot use Ray address 'not an address'"),
+])
+def test_unreachable_cluster_is_one_line_and_writes_nothing(address, expected, tmp_path, peftlab_home,
+                                                            sentiment_csv, tiny_bert_dir):
+    import ray
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(good_spec(sentiment_csv, tiny_bert_dir)))
+    result = runner.invoke(app, ["run", str(spec_path), "--address", address])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert expected in result.stderr
+    assert not ray.is_initialized()
+    assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
