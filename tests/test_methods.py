@@ -205,6 +205,15 @@ def test_size_for_budget_picks_closest_size():
         get_method("bitfit").size_for_budget(model, {}, task, 1000)
 
 
+@pytest.mark.parametrize("name", [n for n, m in all_methods().items() if any(h.size for h in m.hparams)])
+def test_size_for_budget_returns_a_size_the_model_takes(name):
+    config = CONFIGS["bert"]()
+    model, task, method = build_meta(config), task_for(config), get_method(name)
+    for budget in (1, 10**4, 10**9):  # far below, near and far above what the tiny model allows
+        hp = method.size_for_budget(model, {}, task, budget)
+        assert method.check_applicable(model, hp, task) == [], (budget, hp)
+
+
 def test_prompt_tuning_text_init_uses_the_tokenizer():
     from transformers import AutoTokenizer
 

@@ -15,6 +15,7 @@ from peftlab.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "peftlab_adapter.json"
+SIZE_SCAN_LIMIT = 4096  # sizes tried when the budget's size does not fit the model
 _KINDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list of names"}
 
 
@@ -243,6 +244,15 @@ class Method(ABC):
             mid = (left + right) // 2
             left, right = (mid + 1, right) if count(mid) < budget else (left, mid)
         best = min({max(lo, left - 1), left}, key=lambda v: (abs(count(v) - budget), v))
+        if self._problems(model, {**hp, size.name: best}, task):
+            # Not every size fits every model (block sizes must divide layers, ranks stay below
+            # a layer's dimensions): take the closest size that does.
+            fitting = [v for v in range(lo, min(hi, SIZE_SCAN_LIMIT) + 1)
+                       if not self._problems(model, {**hp, size.name: v}, task)]
+            if not fitting:
+                raise UserError(f"no {size.name} fits every target layer of {type(model).__name__}",
+                                where=f"method {self.name}")
+            best = min(fitting, key=lambda v: (abs(count(v) - budget), v))
         return {**hp, size.name: best}
 
 

@@ -7,9 +7,7 @@ from typing import ClassVar
 from peft import MissConfig, TaskType
 from torch import nn
 
-from peftlab.errors import UserError
-
-from .base import HParam, TaskInfo, head_param_count
+from .base import HParam, TaskInfo
 from .peft_backed import PeftMethod, targeted
 from .registry import register
 
@@ -60,19 +58,6 @@ class _Miss(PeftMethod):
 
     def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
         return sum(hp["block_size"] * m.out_features for _, m in targeted(model, self.peft_config(model, hp, task)))
-
-    def size_for_budget(self, model: nn.Module, hparams: dict, task: TaskInfo, budget: int) -> dict:
-        """The block size closest to the budget among those that fit every target layer (the generic
-        search would also try block sizes that do not divide the layers)."""
-        hp = self.resolve(hparams)
-        layers = [m for _, m in targeted(model, self.peft_config(model, {**hp, "block_size": 1}, task))]
-        if not layers:
-            raise UserError(f"no target layer found for target_modules={hp['target_modules']}",
-                            where=f"method {self.name}")
-        fitting = [b for b in range(1, min(m.in_features for m in layers) + 1) if all(self._fits(b, m) for m in layers)]
-        budget -= head_param_count(model, task)
-        best = min(fitting, key=lambda b: (abs(self._count(model, {**hp, "block_size": b}, task) - budget), b))
-        return {**hp, "block_size": best}
 
 
 @register
