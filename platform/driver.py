@@ -197,16 +197,17 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model, task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps)
+        concurrent = _max_concurrent(spec)
         console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, "
                       f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler, up to "
-                      f"{_max_concurrent(spec)} at once")
+                      f"{concurrent} at once")
         tuner = tune.Tuner(
             _trainable(spec, task_plan),
             tune_config=tune.TuneConfig(
                 search_alg=build_search_alg(spec, task_plan),
                 scheduler=build_scheduler(spec, task_plan),
                 num_samples=task_plan.num_trials,
-                max_concurrent_trials=_max_concurrent(spec),
+                max_concurrent_trials=concurrent,
                 reuse_actors=False,  # a fresh process per trial keeps peak-memory accounting honest
             ),
             run_config=tune.RunConfig(

@@ -53,7 +53,6 @@ class Recorder(Callback):
         self.seeds, self.spec_hash, self.max_steps = seeds, spec_hash, max_steps
         self.records: dict[str, TrialRecord] = {}
         self.runs: dict[str, str] = {}
-        self.best: dict[str, float] = {}
 
     # Tune pickles its callbacks with the experiment state (for `peftlab resume`), so the
     # recorder holds no connection (nor any password): the driver binds them by name.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from peftlab.errors import SpecError, UserError
 from peftlab.search_space import Leaf, parse_leaf
 
-TASK_TYPES = ("text-classification",)
 TASK_METRICS = ("accuracy", "macro_f1", "loss")
 
 
@@ -150,10 +150,10 @@ class ExperimentSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class MethodSpace(BaseModel):
+@dataclass(frozen=True)
+class MethodSpace:
     """One method's parsed search space: hyperparameter -> leaf (fixed, choice or range)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     method: str
     leaves: dict[str, Leaf]
 
