@@ -272,5 +272,103 @@ def dashboard(
     raise typer.Exit(code)
 
 
+# Cluster submission through the Ray Jobs API: the sweep's driver runs on the cluster.
+
+ClusterOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard URL, http://HEAD:8265 (else $RAY_API_SERVER_ADDRESS).")]
+JobArg = Annotated[str, typer.Argument(help="The job's submission id, as `peftlab submit` printed it and `peftlab jobs` lists it.")]
+
+
+@app.command()
+@user_errors
+def submit(
+    spec_path: SpecArg,
+    address: ClusterOpt = None,
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return instead of following the logs.")] = False,
+) -> None:
+    """Run a sweep on a Ray cluster as a Ray Job: print the job id, then follow its logs until it ends."""
+    from peftlab.jobs import Cluster
+    from peftlab.spec import load_spec
+
+    # The address is checked first, in a second or two; validating the spec imports the method
+    # registry (torch, peft). Either fails with one line before anything is submitted.
+    cluster = Cluster.connect(address)
+    spec = load_spec(spec_path)
+    job_id = cluster.submit(spec_path, spec, store_url=store, tracking_uri=tracking_uri)
+    console.print(job_id, highlight=False)
+    if not no_wait:
+        _follow(cluster, job_id)
+
+
+@app.command("jobs")
+@user_errors
+def list_jobs(address: ClusterOpt = None) -> None:
+    """Jobs submitted to a Ray cluster: id, status, experiment, start and end."""
+    from peftlab.jobs import EXPERIMENT_KEY, Cluster, message
+
+    cluster = Cluster.connect(address)
+    table = Table(title=f"Jobs on {cluster.url}", title_justify="left")
+    table.add_column("job", no_wrap=True)
+    for column in ("status", "experiment", "started", "ended", "message"):
+        table.add_column(column, overflow="fold")
+    for job in cluster.jobs():
+        table.add_row(job.submission_id, job.status.value, (job.metadata or {}).get(EXPERIMENT_KEY, "-"),
+                      _job_time(job.start_time), _job_time(job.end_time), message(job))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def logs(
+    job_id: JobArg,
+    address: ClusterOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends; exit 1 unless it succeeded.")] = False,
+) -> None:
+    """Print what a job's driver printed: the sweep's progress and leaderboard."""
+    from peftlab.jobs import Cluster
+
+    cluster = Cluster.connect(address)
+    if follow:
+        _follow(cluster, job_id)
+    else:
+        sys.stdout.write(cluster.logs(job_id))
+
+
+@app.command()
+@user_errors
+def stop(job_id: JobArg, address: ClusterOpt = None) -> None:
+    """Stop a job (its driver, and with it the trials it started) and wait until it has stopped."""
+    from peftlab.jobs import Cluster
+
+    job = Cluster.connect(address).stop(job_id)
+    console.print(f"{job_id}: {job.status.value}", highlight=False)
+
+
+def _follow(cluster, job_id: str) -> None:
+    """Print the job's output as it comes; exit 1 unless it succeeded, 130 on Ctrl-C (the job goes on)."""
+    from peftlab.jobs import message
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    try:
+        job = cluster.follow(job_id, write)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; the job goes on: `peftlab logs {job_id} --follow`, `peftlab stop {job_id}`")
+        raise typer.Exit(130) from None
+    if job.status.value != "SUCCEEDED":
+        err_console.print(f"error: job {job_id} {job.status.value.lower()}: {message(job)}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{job_id}: {job.status.value}", highlight=False)
+
+
+def _job_time(milliseconds: int | None) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(milliseconds / 1000).strftime("%Y-%m-%d %H:%M:%S") if milliseconds else "-"
+
+
 if __name__ == "__main__":
     app()

@@ -10,6 +10,7 @@ from pathlib import Path
 ENV_STORE = "PEFTLAB_STORE_URL"
 ENV_TRACKING = "MLFLOW_TRACKING_URI"
 ENV_RAY = "RAY_ADDRESS"
+ENV_RAY_API = "RAY_API_SERVER_ADDRESS"
 ENV_DATA = "PEFTLAB_DATA_DIR"
 ENV_HOME = "PEFTLAB_HOME"
 
@@ -38,6 +39,12 @@ def tracking_uri(flag: str | None = None) -> str:
 def ray_address(flag: str | None = None) -> str | None:
     """None means: start an embedded local Ray instance."""
     return flag or os.environ.get(ENV_RAY) or None
+
+
+def ray_api_server(flag: str | None = None) -> str | None:
+    """The Ray dashboard URL (http://HEAD:8265) that cluster submission talks to; Ray's own
+    variable, so `ray job` and `peftlab submit` find the same cluster."""
+    return flag or os.environ.get(ENV_RAY_API) or None
 
 
 def data_dir() -> Path | None:
