@@ -28,6 +28,7 @@ from sqlalchemy import (
     distinct,
     event,
     func,
+    or_,
     select,
     table,
 )
@@ -240,18 +241,32 @@ def failures(connection: Connection, filters: Filters) -> pd.DataFrame:
 def leaderboard_seeds(connection: Connection, filters: Filters) -> pd.DataFrame:
     """The seed trials of each method's best configuration, per task of each experiment.
 
-    A configuration is a method with its hyperparameters; its seeds are averaged and the best
-    average (on the signed score) wins, ties going to the lower config text. Only finished
+    A configuration is a method with its hyperparameters; its seeds are averaged. The configuration
+    run with the most seeds wins (the one re-run by `seeds`: comparing its average with a single
+    lucky seed of another would favour luck), then the best average (on the signed score), ties
+    going to the lower config text. A configuration with a completed run counts only its
+    completed runs. Only finished
     trials with an objective count (completed or early-stopped, as in `peftlab results`).
     """
     t = trials_view
-    where = [*filters.where(t), t.c.ranked == 1]
+    key = [*BOARD, "method"]
+    # A configuration that ran to the end drops its early-stopped runs: a seed re-run of a
+    # configuration ASHA had stopped must not average a half-trained run with finished ones.
+    finished = (
+        select(*(t.c[c] for c in key), t.c.config)
+        .where(*filters.where(t), t.c.status == TrialStatus.COMPLETED.value)
+        .distinct()
+        .subquery("finished")
+    )
+    eligible = or_(t.c.status == TrialStatus.COMPLETED.value, finished.c.config.is_(None))
+    source = t.outerjoin(finished, and_(*(t.c[c] == finished.c[c] for c in (*key, "config"))))
+    where = [*filters.where(t), t.c.ranked == 1, eligible]
     # One row per configuration, then one window over those (not over every trial): on
     # SQLite this is ~4x faster than windows over the trials for 100,000 rows.
-    key = [*BOARD, "method"]
     configs = (
         select(*(t.c[c] for c in key), t.c.config, func.avg(t.c.score).label("config_score"),
                func.count().label("n_seeds"))
+        .select_from(source)
         .where(*where)
         .group_by(*(t.c[c] for c in key), t.c.config)
         .subquery("configs")
@@ -260,7 +275,8 @@ def leaderboard_seeds(connection: Connection, filters: Filters) -> pd.DataFrame:
     ranked = select(
         configs,
         func.row_number()
-        .over(partition_by=per_method, order_by=[configs.c.config_score.desc(), configs.c.config])
+        .over(partition_by=per_method,
+              order_by=[configs.c.n_seeds.desc(), configs.c.config_score.desc(), configs.c.config])
         .label("config_rank"),
         func.count().over(partition_by=per_method).label("n_configs"),
         func.sum(configs.c.n_seeds).over(partition_by=per_method).label("n_trials"),
@@ -272,7 +288,8 @@ def leaderboard_seeds(connection: Connection, filters: Filters) -> pd.DataFrame:
                                "trial_id", "seed", "status", "objective", "score", *COSTS)),
             best.c.n_configs, best.c.n_trials,
         )
-        .join_from(t, best, and_(*(t.c[c] == best.c[c] for c in (*key, "config"))))
+        .select_from(source)
+        .join(best, and_(*(t.c[c] == best.c[c] for c in (*key, "config"))))
         .where(*where)
         .order_by(*(t.c[c] for c in (*key, "seed", "trial_id")))
     )

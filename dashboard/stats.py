@@ -63,6 +63,7 @@ def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
     out["mean"] = grouped["objective"].mean()
     out["score"] = grouped["score"].mean()
     out["n_seeds"] = grouped["objective"].size()
+    out["std"] = grouped["objective"].std(ddof=1)
     intervals = [bootstrap_ci(values.to_numpy()) for _, values in grouped["objective"]]
     out["ci_lo"] = [lo for lo, _ in intervals]
     out["ci_hi"] = [hi for _, hi in intervals]

@@ -55,23 +55,24 @@ AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluste
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else ./peftlab-runs/mlflow.db).")]
 
 
-def _plan_table(spec) -> Table:
+def _plan_table(spec, sizes: dict | None = None) -> Table:
     from peftlab.search import describe_leaves, plan
 
     table = Table(title=f"{spec.name}: trial plan", title_justify="left")
-    for column in ("task", "domain", "metric", "method", "search space", "trials"):
+    for column in ("task", "domain", "model", "metric", "method", "search space", "trials"):
         table.add_column(column, overflow="fold")
-    for task_plan in plan(spec):
+    for task_plan in plan(spec, sizes):
         task = task_plan.task
         for method, space in task_plan.spaces.items():
             if task_plan.configs is not None:
                 count = str(sum(1 for c in task_plan.configs if c["method"] == method))
             else:
                 count = "chosen by TPE"
-            table.add_row(task.label, task.domain or "-", f"{task_plan.metric} ({task_plan.mode})",
+            table.add_row(task.label, task.domain or "-", spec.model_for(task), f"{task_plan.metric} ({task_plan.mode})",
                           method, describe_leaves(space.leaves), count)
-        table.add_row("", "", "", "[bold]total[/]", f"{spec.search.algorithm} search, {spec.search.scheduler} "
-                      f"scheduler, seeds {spec.training.seeds}", f"[bold]{task_plan.num_trials}[/]")
+        reruns = f"; then each method's best with seeds {spec.final_seeds}" if spec.final_seeds else ""
+        table.add_row("", "", "", "", "[bold]total[/]", f"{spec.search.algorithm} search, {spec.search.scheduler} "
+                      f"scheduler, seeds {spec.training.seeds}{reruns}", f"[bold]{task_plan.num_trials}[/]")
     return table
 
 
@@ -82,9 +83,14 @@ def validate(spec_path: SpecArg) -> None:
     from peftlab.driver import preflight
     from peftlab.spec import load_spec
 
+    from peftlab.driver import sizes_of
+    from peftlab.progress import budget_table
+
     spec = load_spec(spec_path)
-    preflight(spec, source=str(spec_path))
-    console.print(_plan_table(spec))
+    fits = preflight(spec, source=str(spec_path))
+    if fits:
+        console.print(budget_table(fits))
+    console.print(_plan_table(spec, sizes_of(fits)))
     console.print(f"[green]ok[/]: {spec_path} is valid")
 
 
@@ -160,6 +166,7 @@ def results(
 ) -> None:
     """The leaderboard of an experiment from the results store."""
     from peftlab.progress import leaderboard_table
+    from peftlab.store import TrialStatus
 
     results_store = _open_store(store)
     experiments = results_store.experiments()
@@ -173,9 +180,10 @@ def results(
     rows = results_store.leaderboard(name)
     if format is Format.table:
         console.print(leaderboard_table(rows))
-        failed = results_store.trials(name, status="FAILED")
+        failed = results_store.trials(name, status=TrialStatus.FAILED)
         for trial in failed:
             console.print(f"  failed {trial.method} {trial.trial_id}: {trial.error}", highlight=False)
+        _print_seed_summary(store, name, results_store.get_experiment(name).spec)
         return
     records = [asdict(row) for row in rows]
     if format is Format.json:
@@ -187,6 +195,30 @@ def results(
     for record in records:
         writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in record.items()})
     sys.stdout.write(buffer.getvalue())
+
+
+def _print_seed_summary(url: str | None, name: str, spec: dict) -> None:
+    """Mean, std and 95% bootstrap CI over the seeds of each method's best configuration, and the
+    average rank of each method across tasks: printed when some configuration has several seeds."""
+    from peftlab.dashboard import queries, stats
+    from peftlab.progress import seeds_table, ranks_table
+    from peftlab.spec import budget_params
+
+    engine = queries.open_engine(settings.store_url(url))
+    try:
+        with engine.connect() as connection:
+            seeds = queries.leaderboard_seeds(connection, queries.Filters(experiment=(name,)))
+    finally:
+        engine.dispose()
+    if seeds.empty or seeds.groupby(["task", "method"])["seed"].nunique().max() < 2:
+        return
+    summary = stats.summarize(seeds)
+    budget = spec.get("budget")
+    if budget is not None:
+        summary["budget"] = [budget_params(budget, int(total)) for total in summary["total_params"]]
+    console.print(seeds_table(summary))
+    if summary["task"].nunique() > 1:
+        console.print(ranks_table(stats.domain_matrix(summary)[2]))
 
 
 @app.command()
@@ -237,9 +269,11 @@ def migrate(store: StoreOpt = None) -> None:
     """Bring a results store to the current schema."""
     from peftlab.store import migrate as run_migrations
 
+    from sqlalchemy.engine import make_url
+
     url = settings.store_url(store)
     run_migrations(url)
-    console.print(f"{url}: at the current schema")
+    console.print(f"{make_url(url).render_as_string(hide_password=True)}: at the current schema")
 
 
 @app.command()

@@ -18,16 +18,17 @@ from pathlib import Path
 from rich.console import Console
 
 from peftlab import settings
+from peftlab.budget import BudgetFit
 from peftlab.errors import SpecError, UserError
-from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan
+from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan, seed_plan
 from peftlab.spec import ExperimentSpec, method_spaces
-from peftlab.store import ExperimentStatus, LeaderboardRow, ResultsStore, TrialStatus
+from peftlab.store import ExperimentStatus, LeaderboardRow, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 
 PACKAGES = ("peftlab", "torch", "transformers", "peft", "ray", "optuna", "mlflow", "sqlalchemy")
 
 SMOKE = {"max_steps": 12, "eval_every": 6, "batch_size": 16, "max_train_samples": 128,
-         "max_eval_samples": 128, "num_samples_per_method": 1}
+         "max_eval_samples": 128, "num_samples_per_method": 1, "seeds": 2}
 """What `--smoke` shrinks a spec to: a quick check that every piece runs, not a result."""
 
 
@@ -47,48 +48,54 @@ def smoke(spec: ExperimentSpec) -> ExperimentSpec:
     tasks = [t.model_copy(update={
         "max_train_samples": min(t.max_train_samples or SMOKE["max_train_samples"], SMOKE["max_train_samples"]),
         "max_eval_samples": min(t.max_eval_samples or SMOKE["max_eval_samples"], SMOKE["max_eval_samples"]),
+        "retention_samples": min(t.retention_samples, SMOKE["max_eval_samples"]),
     }) for t in spec.tasks]
     training = spec.training.model_copy(update={
         "max_steps": SMOKE["max_steps"], "eval_every": SMOKE["eval_every"],
         "batch_size": min(spec.training.batch_size, SMOKE["batch_size"]), "seeds": spec.training.seeds[:1],
     })
-    search = spec.search
-    if search.algorithm != "grid":
-        search = search.model_copy(update={"num_samples": len(spec.methods) * SMOKE["num_samples_per_method"]})
-    return spec.model_copy(update={"name": f"{spec.name}-smoke", "tasks": tasks, "training": training, "search": search})
+    # Random search with one configuration per method, whatever the spec's algorithm: a grid's
+    # every combination is a result, not a check.
+    search = spec.search.model_copy(update={
+        "algorithm": "random", "num_samples": len(spec.methods) * SMOKE["num_samples_per_method"]})
+    seeds = spec.final_seeds[:SMOKE["seeds"]] or None
+    return spec.model_copy(update={"name": f"{spec.name}-smoke", "tasks": tasks, "training": training,
+                                   "search": search, "seeds": seeds})
 
 
-def preflight(spec: ExperimentSpec, *, source: str | None = None) -> None:
-    """Load every task's data and the model's structure; check each method can apply."""
-    from peftlab.workers.data import load_text_classification
+def preflight(spec: ExperimentSpec, *, source: str | None = None) -> list[BudgetFit]:
+    """Load every task's data and its model's structure; check each method can apply; size the
+    methods to the budget. Returns the budget fits (empty without a budget)."""
+    from peftlab.budget import fit_budgets
     from peftlab.workers.methods import TaskInfo, get_method
-    from peftlab.workers.models import head_modules, meta_classifier
+    from peftlab.workers.tasks import task_kind
 
     problems: list[str] = []
     spaces, _ = method_spaces(spec)
+    models = {}
+    data_dir = settings.data_dir()
     for i, task in enumerate(spec.tasks):
+        kind = task_kind(task.type)
         try:
-            data = load_text_classification(
-                task.dataset, text_column=task.text_column, label_column=task.label_column,
-                max_train_samples=task.max_train_samples, max_eval_samples=task.max_eval_samples,
-                eval_fraction=task.eval_fraction, data_dir=settings.data_dir(),
-            )
+            data = kind.load_data(task, data_dir)
         except UserError as exc:
             problems.append(f"tasks[{i}].dataset: {exc}")
             continue
         try:
-            model = meta_classifier(spec.model, data.num_labels)
+            model = kind.meta_model(spec.model_for(task), data, data_dir)
         except UserError as exc:
-            problems.append(f"model: {exc}")
-            break
-        info = TaskInfo(task.type, data.num_labels, head_modules(model))
-        for name, space in spaces.items():
+            problems.append(f"tasks[{i}].model: {exc}")
+            continue
+        info = TaskInfo(task.type, data.num_labels, kind.head_modules(model))
+        models[task.label] = (model, info)
+        for name in spec.methods_for(task):
             method = get_method(name)
-            for variant in _variants(space.leaves):
+            for variant in _variants(spaces[name].leaves):
                 for problem in method.check_applicable(model, method.resolve(variant), info):
-                    problems.append(f"methods.{name}: {problem}")
+                    problems.append(f"methods.{name}: {problem} (on tasks[{i}], {task.label})")
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
+    return fit_budgets(spec, models) if spec.budget is not None else []
 
 
 def _variants(leaves: dict) -> list[dict]:
@@ -155,12 +162,40 @@ def _max_concurrent(spec: ExperimentSpec) -> int:
 
     if spec.search.max_concurrent:
         return spec.search.max_concurrent
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // spec.resources.cpus_per_trial))
+    # A multi-worker trial starts only once all its workers fit; count what the workers take.
+    resources, workers = ray.cluster_resources(), spec.resources.workers_per_trial
+    fits = resources.get("CPU", 1) // (spec.resources.cpus_per_trial * workers)
+    if spec.resources.gpus_per_trial:
+        fits = min(fits, resources.get("GPU", 0) // (spec.resources.gpus_per_trial * workers))
+    return max(1, int(fits))
 
 
-def experiment_path(spec: ExperimentSpec, task_plan: TaskPlan) -> Path:
-    return settings.ray_storage() / f"{spec.name}.{task_plan.task.label}"
+SEARCH, SEEDS = "search", "seeds"
+"""The two phases of a task: the search, then (with `seeds`) re-runs of each method's best."""
+
+
+def experiment_path(spec: ExperimentSpec, task_plan: TaskPlan, phase: str = SEARCH) -> Path:
+    suffix = "" if phase == SEARCH else f".{phase}"
+    return settings.ray_storage() / f"{spec.name}.{task_plan.task.label}{suffix}"
+
+
+def best_configs(store: ResultsStore, spec: ExperimentSpec, task_plan: TaskPlan) -> tuple[dict[str, dict], set]:
+    """Each method's best configuration on the task (method -> hyperparameters): the best that ran
+    to the end, else (ASHA stopped them all) the best stopped one; and the (method, seed) pairs
+    already run to the end with it, which need no re-run."""
+    ran = [t for t in store.trials(spec.name) if t.task == task_plan.task.label and t.objective is not None
+           and t.status in (TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED)]
+    best: dict[str, TrialRecord] = {}
+    for trial in ran:
+        held = best.get(trial.method)
+        finished, held_finished = trial.status is TrialStatus.COMPLETED, held and held.status is TrialStatus.COMPLETED
+        higher = held is not None and (trial.objective > held.objective if task_plan.mode == "max"
+                                       else trial.objective < held.objective)
+        if held is None or (finished and not held_finished) or (finished == held_finished and higher):
+            best[trial.method] = trial
+    done = {(t.method, t.seed) for t in ran if t.status is TrialStatus.COMPLETED
+            and t.method in best and t.hparams == best[t.method].hparams}
+    return {m: t.hparams for m, t in best.items()}, done
 
 
 def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
@@ -170,10 +205,20 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
 
     data_dir = settings.data_dir()
     context = TrialContext(
-        experiment=spec.name, model=spec.model, task=task_plan.task, training=spec.training,
+        experiment=spec.name, model=spec.model_for(task_plan.task), task=task_plan.task, training=spec.training,
         adapters_dir=str(settings.adapters_dir()), data_dir=str(data_dir) if data_dir else None,
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
     )
+    if spec.resources.workers_per_trial > 1:
+        from peftlab.workers.distributed import run_distributed_trial
+
+        # The Tune trial only drives a Ray Train run whose workers reserve their own CPUs and
+        # GPUs; Ray refuses an empty request, so the driver asks for a token share of a CPU.
+        return tune.with_resources(
+            tune.with_parameters(run_distributed_trial, context=context,
+                                 workers=spec.resources.workers_per_trial, deepspeed=spec.deepspeed),
+            {"cpu": 0.01},
+        )
     return tune.with_resources(
         tune.with_parameters(run_trial, context=context),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
@@ -181,31 +226,35 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
 
 
 def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore, tracker: Tracker,
-              console: Console) -> bool:
-    """Run (or continue) one task's search; False if it was interrupted before the end."""
+              console: Console, phase: str = SEARCH) -> bool:
+    """Run (or continue) one task's search, or its seed re-runs (phase SEEDS: every trial to the
+    end); False if it was interrupted before the end."""
     from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
 
     from peftlab.progress import SweepProgress
     from peftlab.recorder import Recorder, bind
 
     bind(spec.name, store, tracker)
-    path = experiment_path(spec, task_plan)
+    path = experiment_path(spec, task_plan, phase)
     if tune.Tuner.can_restore(path):
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
         tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
     else:
-        recorder = Recorder(experiment=spec.name, model=spec.model, task_plan=task_plan,
-                            seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps)
+        recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
+                            seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps,
+                            phase=phase)
         concurrent = _max_concurrent(spec)
-        console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, "
-                      f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler, up to "
+        what = (f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler" if phase == SEARCH
+                else "the best configuration of each method with more seeds")
+        console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, {what}, up to "
                       f"{concurrent} at once")
         tuner = tune.Tuner(
             _trainable(spec, task_plan),
             tune_config=tune.TuneConfig(
                 search_alg=build_search_alg(spec, task_plan),
-                scheduler=build_scheduler(spec, task_plan),
+                scheduler=build_scheduler(spec, task_plan) if phase == SEARCH else FIFOScheduler(),
                 num_samples=task_plan.num_trials,
                 max_concurrent_trials=concurrent,
                 reuse_actors=False,  # a fresh process per trial keeps peak-memory accounting honest
@@ -232,7 +281,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     Raises KeyboardInterrupt (experiment INTERRUPTED) when the user stopped the sweep.
     """
     console = console or Console()
-    preflight(spec, source=source)
+    fits = preflight(spec, source=source)
     check_ray_reachable(settings.ray_address(address))
     store_url, tracking_uri = settings.store_url(store_url), settings.tracking_uri(tracking_uri)
     store = ResultsStore(store_url)
@@ -244,7 +293,11 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
         tracker = pool.submit(Tracker, tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())
         init_ray(settings.ray_address(address))
         tracker = tracker.result()
-    plans = plan(spec)
+    if fits:
+        from peftlab.progress import budget_table
+
+        console.print(budget_table(fits))
+    plans = plan(spec, sizes_of(fits))
     first = plans[0]
     if not resume:
         store.create_experiment(spec.name, spec.model_dump(mode="json"), spec.spec_hash(), first.metric,
@@ -254,6 +307,17 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     try:
         for task_plan in plans:
             if not _run_task(spec, task_plan, store=store, tracker=tracker, console=console):
+                raise KeyboardInterrupt
+            if not spec.final_seeds:
+                continue
+            best, done = best_configs(store, spec, task_plan)
+            missing = sorted(set(task_plan.spaces) - set(best))
+            if missing:
+                console.print(f"[yellow]{task_plan.task.label}: no finished trial of {', '.join(missing)}; "
+                              "not re-run with more seeds[/]")
+            reruns = seed_plan(task_plan, best, spec.final_seeds, done)
+            if reruns.num_trials and not _run_task(spec, reruns, store=store, tracker=tracker,
+                                                   console=console, phase=SEEDS):
                 raise KeyboardInterrupt
         outcome = outcome_of(store, spec.name)
         status = ExperimentStatus.COMPLETED if outcome.succeeded else ExperimentStatus.FAILED
@@ -276,6 +340,15 @@ def resume_sweep(name: str, *, address: str | None = None, store_url: str | None
     spec = parse_spec(record.spec, source=f"experiment {name}")
     return run_sweep(spec, address=address, store_url=store_url, tracking_uri=tracking_uri,
                      console=console, resume=True)
+
+
+def sizes_of(fits: list[BudgetFit]) -> dict[str, dict[str, dict]]:
+    """task label -> method -> its size hyperparameter at the budget."""
+    sizes: dict[str, dict[str, dict]] = {}
+    for fit in fits:
+        if fit.size:
+            sizes.setdefault(fit.task, {})[fit.method] = fit.size
+    return sizes
 
 
 def outcome_of(store: ResultsStore, name: str) -> SweepOutcome:

@@ -119,3 +119,47 @@ def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> 
 def _mib(value: int | None) -> str:
     return f"{value / 2**20:.0f} MiB" if value else "-"
 
+
+
+def budget_table(fits) -> Table:
+    """How each method meets the parameter budget on each task."""
+    table = Table(title=f"Parameter budget: {fits[0].budget:,} trainable parameters" if len({f.budget for f in fits}) == 1
+                  else "Parameter budget per task", title_justify="left")
+    for column in ("task", "method", "budget", "size", "trainable", "vs budget", "note"):
+        table.add_column(column, overflow="fold")
+    for fit in fits:
+        size = ", ".join(f"{k}={v}" for k, v in fit.size.items()) or "-"
+        style = "yellow" if fit.note else None
+        table.add_row(fit.task, fit.method, f"{fit.budget:,}", size, f"{fit.expected:,}",
+                      f"{fit.deviation:+.1%}", fit.note, style=style)
+    return table
+
+
+def seeds_table(summary) -> Table:
+    """One row per (task, method): the seeds of its best configuration, mean, std and 95% CI."""
+    table = Table(title="Across seeds: each method's best configuration (95% bootstrap CI of the mean)",
+                  title_justify="left")
+    columns = ["task", "method", "seeds", "mean", "std", "95% CI", "", "trainable"]
+    if "budget" in summary:
+        columns.append("vs budget")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in summary.itertuples():
+        cells = [row.task, row.method, str(row.n_seeds), f"{row.mean:.4f}",
+                 "-" if math.isnan(row.std) else f"{row.std:.4f}", f"[{row.ci_lo:.4f}, {row.ci_hi:.4f}]",
+                 row.verdict, f"{row.trainable_params:,.0f}"]
+        if "budget" in summary:
+            cells.append(f"{row.trainable_params / row.budget - 1:+.1%}")
+        table.add_row(*cells)
+    return table
+
+
+def ranks_table(ranks) -> Table:
+    """Average rank of each method over the tasks it ran on (1 = best), overall and per domain."""
+    table = Table(title="Average rank across tasks (1 = best mean on a task)", title_justify="left")
+    for column in ranks.columns:
+        table.add_column(column.replace("rank: ", "").replace("_", " "), overflow="fold")
+    for row in ranks.itertuples(index=False):
+        # A domain where a method never ran has no rank, not a rank of NaN.
+        table.add_row(*[("-" if math.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v) for v in row])
+    return table

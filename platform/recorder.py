@@ -48,8 +48,8 @@ class Recorder(Callback):
     """Writes trial rows, metric curves and MLflow runs as Tune reports them."""
 
     def __init__(self, *, experiment: str, model: str, task_plan: TaskPlan, seeds: list[int],
-                 spec_hash: str, max_steps: int) -> None:
-        self.experiment, self.model, self.plan = experiment, model, task_plan
+                 spec_hash: str, max_steps: int, phase: str = "search") -> None:
+        self.experiment, self.model, self.plan, self.phase = experiment, model, task_plan, phase
         self.seeds, self.spec_hash, self.max_steps = seeds, spec_hash, max_steps
         self.records: dict[str, TrialRecord] = {}
         self.runs: dict[str, str] = {}
@@ -76,7 +76,7 @@ class Recorder(Callback):
         tags = {"peftlab.method": method.name, "peftlab.task": task.label,
                 "peftlab.domain": task.domain or "", "peftlab.dataset": task.dataset,
                 "peftlab.model": self.model, "peftlab.spec_hash": self.spec_hash,
-                "peftlab.trial_id": trial.trial_id}
+                "peftlab.trial_id": trial.trial_id, "peftlab.phase": self.phase}
         # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
         known = self.store.get_trial(trial.trial_id)
         run_id = (known.mlflow_run_id if known else None) or self.tracker.start_run(

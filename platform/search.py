@@ -50,9 +50,15 @@ def _with_seeds(configs: list[dict], seeds: list[int]) -> list[dict]:
     return [{**config, "seed": seed} for config in configs for seed in seeds]
 
 
-def plan_task(spec: ExperimentSpec, index: int) -> TaskPlan:
+def plan_task(spec: ExperimentSpec, index: int, sizes: dict[str, dict] | None = None) -> TaskPlan:
+    """The task's trials; `sizes` fixes methods' size hyperparameters ({method: {name: value}})."""
     task = spec.tasks[index]
     spaces, _ = method_spaces(spec)
+    spaces = {name: spaces[name] for name in spec.methods_for(task)}
+    for name, fixed in (sizes or {}).items():
+        if name in spaces:
+            leaves = {**spaces[name].leaves, **{k: Leaf("fixed", (v,)) for k, v in fixed.items()}}
+            spaces[name] = MethodSpace(name, leaves)
     seeds = spec.training.seeds
     configs = None
     if spec.search.algorithm == "random":
@@ -63,8 +69,16 @@ def plan_task(spec: ExperimentSpec, index: int) -> TaskPlan:
     return TaskPlan(task, spec.metric_for(task), spec.mode_for(task), spaces, configs, num_trials)
 
 
-def plan(spec: ExperimentSpec) -> list[TaskPlan]:
-    return [plan_task(spec, i) for i in range(len(spec.tasks))]
+def plan(spec: ExperimentSpec, sizes: dict[str, dict[str, dict]] | None = None) -> list[TaskPlan]:
+    """Every task's plan; `sizes` maps a task label to its methods' budget sizes."""
+    return [plan_task(spec, i, (sizes or {}).get(task.label)) for i, task in enumerate(spec.tasks)]
+
+
+def seed_plan(task_plan: TaskPlan, best: dict[str, dict], seeds: list[int], done: set) -> TaskPlan:
+    """Re-runs of each method's best configuration (`best`: method -> resolved hyperparameters)
+    with every seed, except the (method, seed) pairs in `done` (already run with that config)."""
+    configs = [{"method": m, m: hp, "seed": s} for m, hp in best.items() for s in seeds if (m, s) not in done]
+    return TaskPlan(task_plan.task, task_plan.metric, task_plan.mode, task_plan.spaces, configs, len(configs))
 
 
 def optuna_space(spaces: dict[str, MethodSpace]):

@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from peftlab.errors import SpecError, UserError
 from peftlab.search_space import Leaf, parse_leaf
 
-TASK_METRICS = ("accuracy", "macro_f1", "loss")
+TASK_TYPES = ("text-classification", "image-classification", "causal-lm")
+TASK_METRICS = {
+    "text-classification": ("accuracy", "macro_f1", "loss"),
+    "image-classification": ("accuracy", "macro_f1", "auroc", "loss"),
+    "causal-lm": ("loss", "perplexity", "exact_match"),
+}
+"""What each task type reports under eval/ (auroc only for two classes, exact_match only when asked)."""
+MINIMISED = ("loss", "perplexity")
 
 
 class _Strict(BaseModel):
@@ -28,20 +35,42 @@ class _Strict(BaseModel):
 class TaskSpec(_Strict):
     """One task: a dataset, how to read it, and how to score it."""
 
-    type: Literal["text-classification"] = "text-classification"
-    """The task type; decides the model head and the training objective."""
+    type: Literal["text-classification", "image-classification", "causal-lm"] = "text-classification"
+    """The task type; decides the model class, the head and the training objective."""
     dataset: str
-    """A registry name (sst2, banking77, fomc), a local .csv/.tsv/.jsonl file, or a Hub dataset id."""
+    """A registry name (sst2, banking77, fomc, pneumoniamnist, breastmnist, mnist, landsat), a local
+    .csv/.tsv/.jsonl file, or a Hub dataset id."""
+    model: str | None = None
+    """This task's model; defaults to the experiment's `model`, else the task type's default."""
+    methods: Annotated[list[str], Field(min_length=1)] | None = None
+    """The experiment's methods to run on this task (default: all of them)."""
     name: str | None = None
     """Name of the task in results; defaults to the dataset's name."""
     domain: str | None = None
     """Domain tag such as nlp/sentiment; registry datasets bring their own."""
-    metric: Literal["accuracy", "macro_f1"] | None = None
-    """Task metric; registry datasets bring their own, files default to accuracy."""
+    metric: Literal["accuracy", "macro_f1", "auroc", "loss", "perplexity", "exact_match"] | None = None
+    """Task metric; registry datasets bring their own; otherwise accuracy for classification,
+    exact_match for causal-lm with `exact_match: true`, else loss."""
     text_column: str = "text"
-    """Column holding the input text (files and Hub datasets)."""
+    """Column holding the input text (text classification: files and Hub datasets)."""
     label_column: str = "label"
     """Column holding the label: integers or strings."""
+    prompt_column: str = "prompt"
+    """causal-lm: column holding the instruction (no loss on its tokens)."""
+    response_column: str = "response"
+    """causal-lm: column holding the answer the model learns to produce."""
+    exact_match: bool = False
+    """causal-lm: also generate greedy answers for the eval prompts and report eval/exact_match."""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    """causal-lm: tokens generated per answer for exact match."""
+    reference: str | None = None
+    """causal-lm: texts (registry name or file; its `text_column`) whose loss before vs after tuning
+    gives eval/forgetting; defaults to sst2's sentences."""
+    retention: bool = True
+    """Report eval/drift (classification: 1 - cosine similarity of representations to the base
+    model's) or eval/forgetting (causal-lm) at the end of each trial."""
+    retention_samples: Annotated[int, Field(ge=1)] = 256
+    """Reference examples used for drift / forgetting."""
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many training examples (a seeded, deterministic subset)."""
     max_eval_samples: Annotated[int, Field(ge=1)] | None = None
@@ -113,11 +142,37 @@ class ResourcesSpec(_Strict):
     """What one trial asks of the cluster."""
 
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1
-    """CPUs reserved per trial (also torch's thread count)."""
+    """CPUs reserved per trial, per worker when workers_per_trial > 1 (also torch's thread count)."""
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0
-    """GPUs reserved per trial."""
-    workers_per_trial: Literal[1] = 1
-    """Processes per trial; only single-process trials are supported."""
+    """GPUs reserved per trial, per worker when workers_per_trial > 1."""
+    workers_per_trial: Annotated[int, Field(ge=1)] = 1
+    """Processes per trial: above 1, each trial is a Ray Train run of this many DeepSpeed workers
+    (see `deepspeed`) sharing every training batch."""
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed settings of multi-worker trials (`resources.workers_per_trial` > 1)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 replicates everything (data parallel), 1 shards the optimizer state across
+    workers, 2 also the gradients, 3 also the parameters."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimizer step: each worker's share of `training.batch_size` is cut into
+    this many, which saves activation memory without changing the batch."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state, and run its step, in CPU memory."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    bf16: Literal["auto", True, False] = "auto"
+    """bfloat16 weights and compute; auto: on when the trial has GPUs."""
+
+    @field_validator("offload_params")
+    @classmethod
+    def _offload_needs_stage_3(cls, value: bool, info) -> bool:
+        stage = info.data.get("zero_stage")
+        if value and stage is not None and stage != 3:
+            raise ValueError(f"needs zero_stage: 3 (parameters are only sharded there), got zero_stage: {stage}")
+        return value
 
 
 class ExperimentSpec(_Strict):
@@ -127,15 +182,58 @@ class ExperimentSpec(_Strict):
     """Experiment name: letters, digits, '-', '_', '.'; the key in MLflow and the store."""
     description: str | None = None
     """Free text shown with the experiment."""
-    model: str = "minilm"
-    """Registry alias (minilm), a Hugging Face Hub id, or a local path."""
+    model: str | None = None
+    """Default model of every task: a registry alias (minilm, resnet20-cifar10, ...), a Hugging Face
+    Hub id, or a local path; without it, each task type's default (minilm, resnet20-cifar10)."""
     tasks: Annotated[list[TaskSpec], Field(min_length=1)]
     """Tasks to run; each gets its own search."""
     methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
     """Method name -> its hyperparameters: fixed values, lists (choice) or ranges."""
+    budget: int | str | None = None
+    """Trainable parameters per method (head included): a count (50000) or a share of the task's
+    model as loaded, new head included ("0.5%"). Each method's size hyperparameter is set to meet it; methods of fixed
+    size run as they are and are reported with their distance from it."""
+    seeds: int | list[int] | None = None
+    """Re-run the best configuration per (task, method) with these seeds (a list, or N for
+    0..N-1) after the search; `peftlab results` then reports mean, std and a 95% CI."""
     search: SearchSpec = SearchSpec()
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is not None:
+            if not isinstance(value, (int, str)):
+                raise ValueError("expected a parameter count or a percentage such as '0.5%'")
+            parse_budget(value)
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        valid = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+            isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        if value is not None and not valid:
+            raise ValueError("give a number of seeds >= 1 or a list of distinct integer seeds")
+        return value
+
+    @property
+    def final_seeds(self) -> list[int]:
+        """Seeds of the best-configuration re-runs; empty when `seeds` is not set."""
+        if self.seeds is None:
+            return []
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def methods_for(self, task: TaskSpec) -> list[str]:
+        return [m for m in self.methods if task.methods is None or m in task.methods]
+
+    def model_for(self, task: TaskSpec) -> str:
+        from peftlab.workers.tasks import task_kind
+
+        return task.model or self.model or task_kind(task.type).default_model
 
     def metric_for(self, task: TaskSpec) -> str:
         return self.search.metric or f"eval/{task.metric}"
@@ -143,11 +241,31 @@ class ExperimentSpec(_Strict):
     def mode_for(self, task: TaskSpec) -> str:
         if self.search.mode:
             return self.search.mode
-        return "min" if self.metric_for(task).endswith("loss") else "max"
+        return "min" if self.metric_for(task).removeprefix("eval/") in MINIMISED else "max"
 
     def spec_hash(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_budget(value: int | str) -> tuple[float, bool]:
+    """(amount, is_percent): 50000 -> (50000, False); "0.5%" -> (0.5, True)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a parameter count or a percentage such as '0.5%'")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"a parameter budget must be at least 1, got {value}")
+        return float(value), False
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", value)
+    if match is None or not 0 < float(match[1]) <= 100:
+        raise ValueError(f"expected a parameter count or a percentage in (0, 100] such as '0.5%', got {value!r}")
+    return float(match[1]), True
+
+
+def budget_params(budget: int | str, model_params: int) -> int:
+    """The budget as a parameter count for a model with `model_params` parameters."""
+    amount, percent = parse_budget(budget)
+    return max(1, round(model_params * amount / 100)) if percent else int(amount)
 
 
 @dataclass(frozen=True)
@@ -218,14 +336,66 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
     problems = []
     for i, task in enumerate(spec.tasks):
         metric = spec.metric_for(task)
-        if metric.removeprefix("eval/") not in TASK_METRICS or not metric.startswith("eval/"):
-            allowed = ", ".join(f"eval/{m}" for m in TASK_METRICS)
-            problems.append(f"search.metric: '{metric}' is not reported by tasks[{i}] (one of {allowed})")
+        reported = TASK_METRICS[task.type]
+        if metric.removeprefix("eval/") not in reported or not metric.startswith("eval/"):
+            allowed = ", ".join(f"eval/{m}" for m in reported)
+            where = "search.metric" if spec.search.metric else f"tasks[{i}].metric"
+            problems.append(f"{where}: '{metric}' is not reported by tasks[{i}] ({task.type}: one of {allowed})")
+        if metric == "eval/exact_match" and not task.exact_match:
+            problems.append(f"tasks[{i}]: eval/exact_match needs `exact_match: true`")
+        if spec.model_for(task) is None:
+            problems.append(f"tasks[{i}].model: a {task.type} task needs a model (set `model` here or at the top)")
+    # The store and dashboard sign scores by one direction per experiment.
+    modes = {spec.mode_for(task) for task in spec.tasks}
+    if len(modes) > 1:
+        problems.append("tasks: their metrics are optimised in different directions (min and max); "
+                        "one experiment compares in one direction: split the tasks into two specs")
+    for i, task in enumerate(spec.tasks):
+        unknown = [m for m in task.methods or [] if m not in spec.methods]
+        if unknown:
+            problems.append(f"tasks[{i}].methods: {unknown} not in the experiment's methods "
+                            f"({', '.join(spec.methods)})")
     labels = [task.label for task in spec.tasks]
     for label in {lbl for lbl in labels if labels.count(lbl) > 1}:
         problems.append(f"tasks: two tasks are named '{label}'; give them distinct `name`s")
     if spec.search.algorithm == "grid":
         problems += _grid_problems(spec)
+    if spec.budget is not None:
+        problems += _budget_problems(spec)
+    if spec.resources.workers_per_trial > 1:
+        problems += _multi_worker_problems(spec)
+    return problems
+
+
+def _multi_worker_problems(spec: ExperimentSpec) -> list[str]:
+    """What a DeepSpeed trial would refuse at its start, found before anything runs."""
+    from peftlab.workers.methods import all_methods
+    from peftlab.workers.methods.base import Method
+
+    registry = all_methods()
+    workers, accumulation = spec.resources.workers_per_trial, spec.deepspeed.gradient_accumulation_steps
+    problems = []
+    if spec.training.batch_size < workers * accumulation:
+        problems.append(f"training.batch_size: {spec.training.batch_size} is below workers_per_trial x "
+                        f"gradient_accumulation_steps ({workers} x {accumulation}): a worker would get no examples")
+    for name in spec.methods:
+        method = registry.get(name)  # an unknown name is reported by method_spaces
+        if method is not None and type(method).on_step is not Method.on_step:
+            problems.append(f"methods.{name}: reshapes itself from gradients during training, which "
+                            "multi-worker (DeepSpeed) trials do not support; use workers_per_trial: 1")
+    return problems
+
+
+
+def _budget_problems(spec: ExperimentSpec) -> list[str]:
+    from peftlab.workers.methods import get_method
+
+    spaces, _ = method_spaces(spec)
+    problems = []
+    for space in spaces.values():
+        size = next((h.name for h in get_method(space.method).hparams if h.size), None)
+        if size in space.leaves:
+            problems.append(f"methods.{space.method}.{size}: set by `budget`; remove it or remove the budget")
     return problems
 
 
@@ -259,13 +429,18 @@ def parse_spec(data: Any, *, source: str | None = None) -> ExperimentSpec:
 
 
 def _with_registry_defaults(task: TaskSpec) -> TaskSpec:
-    """Registry datasets bring their domain and metric; files default to accuracy."""
+    """Registry datasets bring their domain and metric; otherwise the task type's default metric."""
     from peftlab.workers.data import DATASETS
+    from peftlab.workers.image_data import IMAGE_DATASETS
 
-    info = DATASETS.get(task.dataset)
+    info = DATASETS.get(task.dataset) or IMAGE_DATASETS.get(task.dataset)
+    if task.type == "causal-lm":
+        default = "exact_match" if task.exact_match else "loss"
+    else:
+        default = info.metric if info else "accuracy"
     return task.model_copy(update={
         "domain": task.domain or (info.domain if info else None),
-        "metric": task.metric or (info.metric if info else "accuracy"),
+        "metric": task.metric or default,
     })
 
 

@@ -29,7 +29,10 @@ class Tracker:
         try:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                location = (artifact_root / experiment).resolve().as_uri() if artifact_root else None
+                # A tracking server decides where artifacts go (its --artifacts-destination, reached
+                # through it); only a local backend gets a folder of ours.
+                served = uri.startswith(("http://", "https://"))
+                location = (artifact_root / experiment).resolve().as_uri() if artifact_root and not served else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = found.experiment_id

@@ -69,3 +69,18 @@ def postgres_url() -> Iterator[str]:
             yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide GPT-2 with random weights (MiniLM's tokenizer, [SEP] as end of sequence)."""
+    from peftlab.workers.synthetic import save_tiny_gpt2
+
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def instructions_jsonl(tmp_path_factory) -> Path:
+    from peftlab.workers.synthetic import write_instructions_jsonl
+
+    return write_instructions_jsonl(tmp_path_factory.mktemp("data") / "instructions.jsonl", 200)

@@ -117,15 +117,20 @@ def write_fixture_store(url: str) -> list[TrialRecord]:
 # -- expected values, straight from the fixture --------------------------------------------------
 
 def expected_summary(trials, statuses=RANKED, methods=None) -> pd.DataFrame:
-    """Per (experiment, task, method): the best configuration by mean over seeds, its stats."""
+    """Per (experiment, task, method): the best configuration (most seeds, then mean), its stats."""
     groups: dict = defaultdict(lambda: defaultdict(list))
     for t in trials:
         if t.status.value in statuses and t.objective is not None and (methods is None or t.method in methods):
             groups[(t.experiment, t.task, t.method)][json.dumps(t.hparams)].append(t)
     rows = []
     for (experiment, task, method), configs in groups.items():
+        # A configuration with a completed run counts only its completed runs.
+        for c, runs in configs.items():
+            if any(t.status is C for t in runs):
+                configs[c] = [t for t in runs if t.status is C]
         sign = 1 if EXPERIMENTS[experiment][1] == "max" else -1
-        best = max(configs, key=lambda c: sign * np.mean([t.objective for t in configs[c]]))
+        # The configuration with the most seeds wins, then the best mean.
+        best = max(configs, key=lambda c: (len(configs[c]), sign * np.mean([t.objective for t in configs[c]])))
         chosen = configs[best]
         values = [t.objective for t in chosen]
         lo, hi = stats.bootstrap_ci(values)
@@ -309,7 +314,8 @@ def test_methods_by_domains_heat_map_and_ranks(store_env) -> None:
     assert ranks.loc["lora", "average_rank"] == 2.0
     heat = figures(at)[0]["data"][0]
     z = pd.DataFrame(heat["z"], index=heat["y"], columns=heat["x"])
-    assert z.loc["lora", "nlp/intent"] == pytest.approx(-0.05) and z.loc["bitfit", "nlp/sentiment"] == pytest.approx(-0.06)
+    # bitfit on sst2: its early-stopped seed is out, since that configuration also completed.
+    assert z.loc["lora", "nlp/intent"] == pytest.approx(-0.05) and z.loc["bitfit", "nlp/sentiment"] == pytest.approx(-0.055)
     assert "Best average rank: **full**, **1.00** over 2 task(s)" in at.markdown[0].value
     assert_every_table_downloads(at)
 

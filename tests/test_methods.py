@@ -126,7 +126,7 @@ def test_equals_plain_peft(case, shape):
 def test_resolve_fills_defaults_and_rejects_unknown():
     lora = get_method("lora")
     hp = lora.resolve({"r": 4})
-    assert hp == {"r": 4, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"], "use_rslora": False,
+    assert hp == {"r": 4, "alpha": 16, "dropout": 0.05, "target_modules": None, "use_rslora": False,
                   "init": "default", "lr": 5e-4, "weight_decay": 0.0}
     with pytest.raises(UserError, match="unknown hyperparameter 'rank'.*known: r, alpha"):
         lora.resolve({"rank": 4})
@@ -169,7 +169,7 @@ def test_check_applicable_names_missing_target_module():
     problems = get_method("lora").check_applicable(model, {"target_modules": ["query", "q_proj"]}, task)
     assert len(problems) == 1 and "'q_proj' not found" in problems[0] and "query" in problems[0]
     problems = get_method("ia3").check_applicable(model, {"target_modules": ["attention"]}, task)
-    assert "not a linear layer" in problems[0]
+    assert "ia3 adapts Linear layers" in problems[0]
     problems = get_method("bitfit").check_applicable(model, {}, TaskInfo("text-classification", 3, ("score",)))
     assert "'score'" in problems[0]
     with pytest.raises(UserError, match="q_proj"):

@@ -176,8 +176,6 @@ def test_every_concurrent_trial_has_exactly_one_complete_run_on_the_server(sweep
         assert files and sum(files.values()) == trial.adapter_bytes, files
 
 
-@pytest.mark.xfail(strict=True, reason="the Tracker gives every experiment a file:// artifact location "
-                   "on the driver's disk, also when the tracking URI is a server (platform/tracking.py)")
 def test_adapters_are_stored_behind_the_server(sweep):
     # On a cluster the driver's disk is out of reach of the MLflow server and the browser:
     # artifacts must go through the server's proxy (mlflow-artifacts:/) to be seen at all.

@@ -41,7 +41,7 @@ def problems(data: dict) -> str:
 
 def test_valid_spec_gets_defaults():
     spec = parse_spec(BASE)
-    assert spec.model == "minilm"
+    assert spec.model is None and spec.model_for(spec.tasks[0]) == "minilm"
     assert spec.training.seeds == [0]
     assert spec.metric_for(spec.tasks[0]) == "eval/accuracy"
     assert spec.mode_for(spec.tasks[0]) == "max"

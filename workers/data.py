@@ -178,18 +178,9 @@ def load_text_classification(
     texts = _texts(whole[text_column], text_column, dataset)
     labels, label_names = _encode_labels(whole[label_column], label_column, names, dataset)
 
-    if evaluation is None:
-        n_eval = max(1, round(len(whole) * eval_fraction))
-        if n_eval >= len(whole):
-            raise UserError(f"dataset '{dataset}' has {len(whole)} rows, too few to split off an eval set")
-        order = np.random.default_rng(split_seed).permutation(len(whole))
-        train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
-    else:
-        train_idx, eval_idx = np.arange(len(train)), np.arange(len(train), len(whole))
-    if len(train_idx) == 0 or len(eval_idx) == 0:
-        raise UserError(f"dataset '{dataset}' has an empty {'train' if len(train_idx) == 0 else 'eval'} split")
-    train_idx = _subsample(train_idx, max_train_samples, np.random.default_rng([split_seed, 1]))
-    eval_idx = _subsample(eval_idx, max_eval_samples, np.random.default_rng([split_seed, 2]))
+    train_idx, eval_idx = _split(len(train), None if evaluation is None else len(evaluation), dataset,
+                                 eval_fraction=eval_fraction, split_seed=split_seed,
+                                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
     return TextClassificationData(
         train_texts=[texts[i] for i in train_idx],
         train_labels=[labels[i] for i in train_idx],
@@ -197,6 +188,84 @@ def load_text_classification(
         eval_labels=[labels[i] for i in eval_idx],
         label_names=label_names,
     )
+
+
+def _split(n_train: int, n_eval: int | None, dataset: str, *, eval_fraction: float, split_seed: int,
+           max_train_samples: int | None, max_eval_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (into train rows followed by eval rows) of the train and eval sets: a source
+    without an eval split loses a seeded `eval_fraction` to it; then the seeded subsets."""
+    if n_eval is None:
+        n_eval = max(1, round(n_train * eval_fraction))
+        if n_eval >= n_train:
+            raise UserError(f"dataset '{dataset}' has {n_train} rows, too few to split off an eval set")
+        order = np.random.default_rng(split_seed).permutation(n_train)
+        train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
+    else:
+        train_idx, eval_idx = np.arange(n_train), np.arange(n_train, n_train + n_eval)
+    if len(train_idx) == 0 or len(eval_idx) == 0:
+        raise UserError(f"dataset '{dataset}' has an empty {'train' if len(train_idx) == 0 else 'eval'} split")
+    train_idx = _subsample(train_idx, max_train_samples, np.random.default_rng([split_seed, 1]))
+    eval_idx = _subsample(eval_idx, max_eval_samples, np.random.default_rng([split_seed, 2]))
+    return train_idx, eval_idx
+
+
+@dataclass
+class InstructionData:
+    """Prompt/response pairs for causal-LM tuning."""
+
+    train_prompts: list[str]
+    train_responses: list[str]
+    eval_prompts: list[str]
+    eval_responses: list[str]
+    num_labels: int = 0
+
+
+def load_instruction_data(
+    dataset: str,
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    eval_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> InstructionData:
+    """Prompt/response pairs from a .csv/.tsv/.jsonl/.json file or a Hub id `owner/name`; a source
+    without an eval split is split like `load_text_classification` does."""
+    if dataset.lower().endswith(FILE_SUFFIXES):
+        train, evaluation = _read_file(Path(dataset).expanduser()), None
+    elif _HUB_ID.match(dataset) and not Path(dataset).exists():
+        train, evaluation, _ = _read_hub(dataset, None, prompt_column, response_column,
+                                         kinds=("prompt", "response"))
+    else:
+        raise UserError(f"unknown instruction dataset '{dataset}': expected a {'/'.join(FILE_SUFFIXES)} "
+                        "file or a Hugging Face Hub id 'owner/name' with prompt and response columns")
+    frames = [train] if evaluation is None else [train, evaluation]
+    for frame in frames:
+        _check_columns(frame, prompt_column, response_column, dataset, kinds=("prompt", "response"))
+    whole = pd.concat(frames, ignore_index=True)
+    if whole.empty:
+        raise UserError(f"dataset '{dataset}' has no rows")
+    prompts = _texts(whole[prompt_column], prompt_column, dataset)
+    responses = _texts(whole[response_column], response_column, dataset)
+    train_idx, eval_idx = _split(len(train), None if evaluation is None else len(evaluation), dataset,
+                                 eval_fraction=eval_fraction, split_seed=split_seed,
+                                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    return InstructionData([prompts[i] for i in train_idx], [responses[i] for i in train_idx],
+                           [prompts[i] for i in eval_idx], [responses[i] for i in eval_idx])
+
+
+def load_texts(source: str, *, column: str = "text", limit: int, data_dir: Path | None = None) -> list[str]:
+    """The first `limit` texts of a registry data set's eval split or of a file's `column`."""
+    if source in DATASETS:
+        return load_text_classification(source, data_dir=data_dir).eval_texts[:limit]
+    if not source.lower().endswith(FILE_SUFFIXES):
+        raise UserError(f"reference texts '{source}': expected a registered data set "
+                        f"({', '.join(DATASETS)}) or a {'/'.join(FILE_SUFFIXES)} file")
+    frame = _read_file(Path(source).expanduser())
+    if column not in frame.columns:
+        raise UserError(_missing_column("text", column, list(frame.columns)), where=source)
+    return _texts(frame[column], column, source)[:limit]
 
 
 def _subsample(indices: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -227,7 +296,7 @@ def _read_file(path: Path) -> pd.DataFrame:
 
 def _read_hub(
     hub_id: str, splits: tuple[str, str] | None, text_column: str, label_column: str,
-    where: str | None = None,
+    where: str | None = None, kinds: tuple[str, str] = ("text", "label"),
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None]:
     """Train and eval frames (eval None when the Hub has none), and ClassLabel names if any."""
     import datasets  # imported here: a second of startup that local files never need
@@ -244,7 +313,7 @@ def _read_hub(
         if split is not None and split not in loaded:
             raise UserError(f"Hub dataset '{hub_id}' has no '{split}' split (has: {', '.join(loaded)})")
     part = loaded[train_split]
-    for kind, column in (("text", text_column), ("label", label_column)):
+    for kind, column in zip(kinds, (text_column, label_column)):
         if column not in part.column_names:
             raise UserError(_missing_column(kind, column, part.column_names), where=hub_id)
     feature = part.features[label_column]
@@ -263,8 +332,9 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_columns(frame: pd.DataFrame, text_column: str, label_column: str, where: str) -> None:
-    for kind, column in (("text", text_column), ("label", label_column)):
+def _check_columns(frame: pd.DataFrame, text_column: str, label_column: str, where: str,
+                   kinds: tuple[str, str] = ("text", "label")) -> None:
+    for kind, column in zip(kinds, (text_column, label_column)):
         if column not in frame.columns:
             raise UserError(_missing_column(kind, column, list(frame.columns)), where=where)
 

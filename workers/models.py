@@ -1,4 +1,4 @@
-"""Model registry and loaders: aliases, Hub ids and local paths -> transformers models.
+"""Model registry and loaders: aliases, Hub ids and local paths -> models with a task head.
 
 Validation builds models on the meta device (no weights, no memory) to check methods
 against real module names before anything runs.
@@ -24,6 +24,9 @@ def _minilm_path() -> str:
 ALIASES = {"minilm": _minilm_path}
 """Short names usable as `model:` in a spec; each resolves to a local folder."""
 
+VISION_ALIASES = {f"resnet{depth}-cifar10": depth for depth in (20, 32, 56)}
+"""The CIFAR-10 ResNets ported in workers/vision (weights from the data dir's checkpoints)."""
+
 
 def resolve_model(name: str) -> str:
     """An alias, an existing local folder, or (anything else) a Hugging Face Hub id."""
@@ -38,12 +41,13 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_config(name: str, num_labels: int):
+def load_config(name: str, num_labels: int | None):
     from transformers import AutoConfig
 
     source = resolve_model(name)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
     try:
-        return AutoConfig.from_pretrained(source, num_labels=num_labels)
+        return AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"cannot load model '{name}': {reason}") from None
@@ -75,3 +79,104 @@ def load_classifier(name: str, num_labels: int) -> tuple[nn.Module, object]:
 def head_modules(model: nn.Module) -> tuple[str, ...]:
     """Names of the task head's top-level modules (trained by every method)."""
     return tuple(name for name, _ in model.named_children() if name in HEAD_NAMES)
+
+
+class LogitsClassifier(nn.Module):
+    """Gives a plain images -> logits network the Hugging Face calling convention:
+    `forward(pixel_values, labels)` returning `.loss` and `.logits`, as peft and the loop expect."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.default_target_modules = getattr(net, "default_target_modules", None)
+
+    def train(self, mode: bool = True) -> LogitsClassifier:
+        """Batch norms whose parameters are all frozen stay in eval mode: a frozen layer should not
+        change, and in train mode its running statistics would drift with the new data."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.net(pixel_values)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def load_image_classifier(name: str, num_labels: int, data_dir: Path | None, *, meta: bool = False):
+    """(model, InputFormat): a CIFAR ResNet alias with its checkpoint, or any Hugging Face
+    AutoModelForImageClassification, with a fresh head of `num_labels`."""
+    from transformers import AutoModelForImageClassification
+
+    from peftlab.workers.tasks.image_classification import InputFormat
+    from peftlab.workers.vision import resnet_cifar as rc
+
+    if name in VISION_ALIASES:
+        depth = VISION_ALIASES[name]
+        fmt = InputFormat(32, 3, rc.MEAN, rc.STD)
+        if meta:
+            with torch.device("meta"):
+                return LogitsClassifier(rc.ResNetCifar(depth, num_labels)), fmt
+        if data_dir is None:
+            raise UserError(f"model '{name}' needs its checkpoint: set PEFTLAB_DATA_DIR to a folder holding "
+                            f"{rc.CHECKPOINT_DIR}/ (origin: {rc.CHECKPOINT_ORIGIN})")
+        path = rc.checkpoint_path(depth, data_dir)
+        return LogitsClassifier(rc.resnet_cifar(depth, pretrained_path=path, num_classes=num_labels)), fmt
+    config = load_config(name, num_labels)
+    fmt = _image_format(name, config)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForImageClassification.from_config(config), fmt
+    model = AutoModelForImageClassification.from_pretrained(
+        resolve_model(name), config=config, ignore_mismatched_sizes=True)  # a new head of num_labels
+    return model, fmt
+
+
+def _image_format(name: str, config):
+    """Input size, channels and normalisation from the model's image processor, else its config."""
+    from transformers import AutoImageProcessor
+
+    from peftlab.workers.tasks.image_classification import InputFormat
+
+    channels = int(getattr(config, "num_channels", 3))
+    size = getattr(config, "image_size", 224)
+    mean, std = (0.5,) * channels, (0.5,) * channels
+    try:
+        processor = AutoImageProcessor.from_pretrained(resolve_model(name))
+    except (OSError, ValueError):
+        processor = None  # a model without preprocessor_config.json: the config's size, mean/std 0.5
+    if processor is not None:
+        mean = tuple(getattr(processor, "image_mean", None) or mean)
+        std = tuple(getattr(processor, "image_std", None) or std)
+        shape = getattr(processor, "size", None) or {}
+        size = shape.get("height") or shape.get("shortest_edge") or size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return InputFormat(int(size), channels, mean, std)
+
+
+def image_head_modules(model: nn.Module) -> tuple[str, ...]:
+    """The new head: `net.linear` of a ported ResNet, else the Hugging Face head names."""
+    if isinstance(model, LogitsClassifier):
+        return ("net.linear",)
+    return head_modules(model)
+
+
+def load_causal_lm(name: str, *, meta: bool = False):
+    """(model, tokenizer) of a Hugging Face causal LM; the tokenizer pads with EOS if it has no pad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(name, None)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config), None
+    source = resolve_model(name)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -43,3 +43,39 @@ def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def write_sentiment_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
     path.write_text("\n".join(["text,label", *(f"{t},{lbl}" for t, lbl in sentiment_rows(n, seed))]) + "\n")
     return path
+
+
+def save_tiny_gpt2(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A GPT-2 with random weights saved like a Hub model; MiniLM's tokenizer with [SEP] as its
+    end-of-sequence token stands in for GPT-2's (no tokenizer files can be downloaded here)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tokenizer.eos_token = "[SEP]"
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
+                        n_positions=128, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Instruction pairs: "What is a plus b? Answer:" -> "c" (small numbers)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append((f"what is {a} plus {b} ? answer :", str(a + b)))
+    return rows
+
+
+def write_instructions_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in arithmetic_rows(n, seed)))
+    return path

@@ -45,16 +45,28 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_trial(config: dict, context: TrialContext) -> None:
-    import numpy as np
-    import ray
-    from ray import tune
+@dataclass
+class PreparedTrial:
+    """Everything a trial trains, built from its config and the shared context."""
 
-    from peftlab.workers.data import load_text_classification
+    method: Any
+    hparams: dict[str, Any]
+    seed: int
+    model: torch.nn.Module
+    task: Any
+    settings: Any
+    device: torch.device
+    static: dict[str, Any]
+    """Counts known before training, reported with every result."""
+
+
+def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
+    """Seed, load data and model, remember the untouched model for retention, apply the method."""
+    import numpy as np
+
     from peftlab.workers.methods import TaskInfo, get_method
-    from peftlab.workers.models import head_modules, load_classifier
-    from peftlab.workers.tasks.text_classification import TextClassificationTask
-    from peftlab.workers.train import LoopSettings, count_parameters, train
+    from peftlab.workers.tasks import task_kind
+    from peftlab.workers.train import LoopSettings, count_parameters
 
     method = get_method(config["method"])
     hparams = method.resolve(hparams_of(config))
@@ -65,30 +77,17 @@ def run_trial(config: dict, context: TrialContext) -> None:
     torch.set_num_threads(max(1, int(context.cpus)))
     device = torch.device("cuda" if context.gpus > 0 and torch.cuda.is_available() else "cpu")
 
-    spec = context.task
-    data = load_text_classification(
-        spec.dataset, text_column=spec.text_column, label_column=spec.label_column,
-        max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
-        eval_fraction=spec.eval_fraction, data_dir=Path(context.data_dir) if context.data_dir else None,
-    )
-    model, tokenizer = load_classifier(context.model, data.num_labels)
+    spec, kind = context.task, task_kind(context.task.type)
+    data_dir = Path(context.data_dir) if context.data_dir else None
+    data = kind.load_data(spec, data_dir)
+    model, processor = kind.load_model(context.model, data, data_dir)
+    head = kind.head_modules(model)
     _, total_params = count_parameters(model)
-    model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head_modules(model)))
+    task = kind.build_task(data, processor, head, spec, context.training, data_dir)
+    task.remember(model, device)
+    model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head))
     trainable_params, _ = count_parameters(model)
-    task = TextClassificationTask(data, tokenizer, context.training.max_length)
 
-    adapter_dir = Path(context.adapters_dir) / context.experiment / tune.get_context().get_trial_id()
-
-    def save_adapter() -> dict:
-        method.save(model, adapter_dir)
-        return {"adapter_bytes": directory_bytes(adapter_dir), "adapter_path": str(adapter_dir)}
-
-    static = {
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "trainable_pct": 100.0 * trainable_params / total_params,
-        "node": ray.get_runtime_context().get_node_id(),
-    }
     training = context.training
     settings = LoopSettings(
         max_steps=training.max_steps, batch_size=training.batch_size,
@@ -96,6 +95,30 @@ def run_trial(config: dict, context: TrialContext) -> None:
         warmup_ratio=training.warmup_ratio, max_grad_norm=training.max_grad_norm,
         lr=hparams.get("lr", method.default_lr), weight_decay=hparams.get("weight_decay", 0.0),
     )
-    train(model, task, settings, seed=seed, device=device,
+    static = {
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "trainable_pct": 100.0 * trainable_params / total_params,
+    }
+    return PreparedTrial(method, hparams, seed, model, task, settings, device, static)
+
+
+def run_trial(config: dict, context: TrialContext) -> None:
+    import ray
+    from ray import tune
+
+    from peftlab.workers.train import train
+
+    trial = prepare_trial(config, context)
+    model, method, device = trial.model, trial.method, trial.device
+    adapter_dir = Path(context.adapters_dir) / context.experiment / tune.get_context().get_trial_id()
+
+    def finish() -> dict:
+        method.save(model, adapter_dir)
+        retention = {f"eval/{k}": v for k, v in trial.task.retention(model, device).items()}
+        return {**retention, "adapter_bytes": directory_bytes(adapter_dir), "adapter_path": str(adapter_dir)}
+
+    static = {**trial.static, "node": ray.get_runtime_context().get_node_id()}
+    train(model, trial.task, trial.settings, seed=trial.seed, device=device,
           report=lambda result: tune.report({**result, **static}),
-          after_step=lambda step: method.on_step(model, step, settings.max_steps), on_last_step=save_adapter)
+          after_step=lambda step: method.on_step(model, step, trial.settings.max_steps), on_last_step=finish)

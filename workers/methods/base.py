@@ -16,6 +16,8 @@ from peftlab.errors import UserError
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "peftlab_adapter.json"
 SIZE_SCAN_LIMIT = 4096  # sizes tried when the budget's size does not fit the model
+CLASSIFICATION = ("text-classification", "image-classification")
+"""Task types that add a new head (a causal LM keeps its pretrained one)."""
 _KINDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list of names"}
 
 
@@ -75,10 +77,12 @@ class TaskInfo:
     """What a method needs to know about the task: its type and which modules form the head."""
 
     type: str
-    """"text-classification" for now."""
+    """"text-classification", "image-classification" or "causal-lm"."""
     num_labels: int
+    """0 for causal-lm."""
     head_modules: tuple[str, ...]
-    """Names (from the model root) of the task head's modules, e.g. ("classifier",); always trained."""
+    """Names (from the model root) of the task head's modules, e.g. ("classifier",); always trained.
+    Empty for causal-lm, whose LM head is pretrained."""
 
 
 OPTIMIZER_HPARAMS: tuple[HParam, ...] = (
@@ -158,7 +162,7 @@ class Method(ABC):
             return [f"method {self.name} supports tasks {list(self.task_types)}, not '{task.type}'"]
         names = dict(model.named_modules())
         missing = [h for h in task.head_modules if h not in names]
-        if missing or not task.head_modules:
+        if missing or (not task.head_modules and task.type in CLASSIFICATION):
             top = ", ".join(n for n, _ in model.named_children())
             what = f"head module(s) {missing} not found" if missing else "the task names no head module"
             return [f"{what} in {type(model).__name__}; its top-level modules: {top}"]

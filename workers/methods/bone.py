@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from peft import MissConfig, TaskType
+from peft import MissConfig
 from torch import nn
 
 from .base import HParam, TaskInfo
-from .peft_backed import PeftMethod, targeted
+from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
 
 
@@ -33,7 +33,7 @@ class _Miss(PeftMethod):
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> MissConfig:
         targets = hp["target_modules"]
         return MissConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=hp["block_size"],
             init_weights=self.init_weights,
             target_modules=targets if isinstance(targets, str) else list(targets),

@@ -6,16 +6,47 @@ import copy
 from abc import abstractmethod
 from pathlib import Path
 
-from peft import PeftConfig, PeftModel, get_peft_model
+from typing import ClassVar
+
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .base import Applied, Method, TaskInfo, in_head
 
+_PEFT_TASK_TYPES = {"text-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
+
+
+def peft_task_type(task: TaskInfo) -> TaskType | None:
+    """peft's wrapper class for the task; None (a plain PeftModel) for image classification,
+    whose models take pixel_values, which peft's task-specific wrappers do not pass on."""
+    return _PEFT_TASK_TYPES.get(task.type)
+
+
+def default_targets(model: nn.Module) -> list[str] | None:
+    """The layers an architecture's LoRA usually adapts: the model's own `default_target_modules`
+    (the CIFAR ResNets: their 3x3 convs), else peft's per-architecture list (query/value for BERT,
+    c_attn for GPT-2, q_proj/v_proj for Llama-like models), else the attention's query and value
+    projections under their usual names; None when none of these is in the model."""
+    own = getattr(model, "default_target_modules", None)
+    if own:
+        return list(own)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    candidates = [TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type), *USUAL_QUERY_VALUE]
+    return next((list(c) for c in candidates if c and set(c) <= names), None)
+
+
+USUAL_QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
+
 
 class PeftMethod(Method):
     """A method whose implementation is peft's; the task head goes into peft's modules_to_save."""
+
+    layer_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
+    """Layer classes this method's peft tuner can adapt."""
 
     @abstractmethod
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> PeftConfig:
@@ -31,8 +62,10 @@ class PeftMethod(Method):
         if wanted is None or isinstance(wanted, str):  # None: no targets; str: "all-linear" or a regex
             return []
         problems = []
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and not in_head(n, task)}
+        kinds = " or ".join(t.__name__ for t in self.layer_types)
+        candidates = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, self.layer_types) and not in_head(n, task)}
         )
         for target in sorted(wanted):
             one = copy.copy(config)
@@ -41,12 +74,12 @@ class PeftMethod(Method):
             if not matched:
                 problems.append(
                     f"target module '{target}' not found in {type(model).__name__} (outside the head); "
-                    f"its linear layers are named: {', '.join(linear)}"
+                    f"its {kinds} layers are named: {', '.join(candidates) or '(none)'}"
                 )
             problems += [
-                f"target module '{target}' matches {name} ({type(m).__name__}), which is not a linear layer"
+                f"target module '{target}' matches {name} ({type(m).__name__}); {self.name} adapts {kinds} layers"
                 for name, m in matched
-                if not isinstance(m, nn.Linear)
+                if not isinstance(m, self.layer_types)
             ][:1]
         return problems
 

@@ -2,7 +2,7 @@
 (the inputs of feed-forward ones); targets default to peft's per-architecture choice."""
 from __future__ import annotations
 
-from peft import IA3Config, TaskType
+from peft import IA3Config
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD_DEFAULTS,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET_DEFAULTS,
@@ -11,7 +11,7 @@ from peft.tuners.ia3 import IA3Model
 from torch import nn
 
 from .base import HParam, TaskInfo
-from .peft_backed import PeftMethod, targeted
+from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
 
 
@@ -47,7 +47,7 @@ class IA3(PeftMethod):
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> IA3Config:
         targets, feedforward = self._modules(model, hp)
         return IA3Config(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             target_modules=list(targets),
             feedforward_modules=list(feedforward),
             modules_to_save=list(task.head_modules),

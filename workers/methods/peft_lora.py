@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import ClassVar
 
-from peft import LoraConfig, TaskType
+from peft import LoraConfig
+from transformers.pytorch_utils import Conv1D
 from torch import nn
 
 from .base import HParam, TaskInfo
-from .peft_backed import PeftMethod, targeted
+from .peft_backed import PeftMethod, default_targets, peft_task_type, targeted
 from .registry import register
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
@@ -25,6 +26,8 @@ class Lora(PeftMethod):
     identity_at_init = True
     default_lr = 5e-4
     use_dora: ClassVar[bool] = False
+    task_types = ("text-classification", "image-classification", "causal-lm")
+    layer_types = (nn.Linear, nn.Conv2d, Conv1D)
     hparams = (
         HParam("r", int, 8, "rank of the update B A", low=1, size=True),
         HParam(
@@ -32,8 +35,10 @@ class Lora(PeftMethod):
         ),
         HParam("dropout", float, 0.05, "dropout on the adapter's input", low=0.0, high=1.0),
         HParam(
-            "target_modules", list, ["query", "value"],
-            "linear layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded)",
+            "target_modules", list, None,
+            "layers to adapt (linear, Conv1D or Conv2d): names or dotted suffixes (peft's matching), or "
+            "'all-linear' (head excluded); default: the architecture's usual ones (query/value for BERT "
+            "and ViT, c_attn for GPT-2, q_proj/v_proj for Llama, the 3x3 convs of the CIFAR ResNets)",
             choices=("all-linear",),
         ),
         HParam("use_rslora", bool, False, "rank-stabilised scaling alpha/sqrt(r)"),
@@ -45,10 +50,15 @@ class Lora(PeftMethod):
         ),
     )
 
+    def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
+        if hp["target_modules"] is None and default_targets(model) is None:
+            return [f"no default target modules for {type(model).__name__}; set target_modules"]
+        return super()._problems(model, hp, task)
+
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoraConfig:
-        targets = hp["target_modules"]
+        targets = hp["target_modules"] or default_targets(model) or []
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=hp["r"],
             lora_alpha=hp["alpha"],
             lora_dropout=hp["dropout"],
@@ -56,15 +66,24 @@ class Lora(PeftMethod):
             use_rslora=hp["use_rslora"],
             init_lora_weights=_INIT[hp["init"]],
             use_dora=self.use_dora,
-            modules_to_save=list(task.head_modules),
+            modules_to_save=list(task.head_modules) or None,
+            # GPT-2's Conv1D stores its weight transposed; peft must be told, or it warns and guesses.
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         )
 
     def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
-        r, extra = hp["r"], self.use_dora
-        return sum(
-            r * (m.in_features + m.out_features) + (m.out_features if extra else 0)
-            for _, m in targeted(model, self.peft_config(model, hp, task))
-        )
+        r = hp["r"]
+        total = 0
+        for _, m in targeted(model, self.peft_config(model, hp, task)):
+            if isinstance(m, nn.Conv2d):
+                # A is a conv of the layer's kernel to r channels, B a 1x1 conv back to d_out.
+                fan_in, d_out = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups, m.out_channels
+            elif isinstance(m, Conv1D):  # GPT-2's transposed linear: weight is (d_in, d_out)
+                fan_in, d_out = m.weight.shape
+            else:
+                fan_in, d_out = m.in_features, m.out_features
+            total += r * (fan_in + d_out) + (d_out if self.use_dora else 0)
+        return total
 
 
 @register

@@ -2,13 +2,14 @@
 (shared random projections, a Hadamard or Kronecker product, an adaptively pruned SVD form)."""
 from __future__ import annotations
 
-from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, TaskType, VeraConfig
+from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
 from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 from peftlab.errors import UserError
 
 from .base import HParam, TaskInfo
+from .peft_backed import peft_task_type
 from .peft_orthogonal import TARGET_MODULES, PerLayerPeftMethod, Shape, targets_of
 from .registry import register
 
@@ -40,7 +41,7 @@ class VeRA(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> VeraConfig:
         return VeraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=hp["r"],
             target_modules=targets_of(hp),
             vera_dropout=hp["dropout"],
@@ -81,7 +82,7 @@ class LoHa(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoHaConfig:
         return LoHaConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=hp["r"],
             alpha=hp["alpha"],
             rank_dropout=hp["rank_dropout"],
@@ -122,7 +123,7 @@ class LoKr(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoKrConfig:
         return LoKrConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=hp["r"],
             alpha=hp["alpha"],
             rank_dropout=hp["rank_dropout"],
@@ -196,7 +197,7 @@ class AdaLoRA(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> AdaLoraConfig:
         return AdaLoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             init_r=hp["init_r"],
             target_r=self._target_r(hp),
             lora_alpha=hp["alpha"],
@@ -214,7 +215,7 @@ class AdaLoRA(PerLayerPeftMethod):
 
     def _match_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoraConfig:
         # AdaLoRA matches targets as LoRA does; a LoraConfig cannot fail on the schedule, so counting never does.
-        return LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=targets_of(hp),
+        return LoraConfig(task_type=peft_task_type(task), target_modules=targets_of(hp),
                           modules_to_save=list(task.head_modules))
 
     def _schedule_problems(self, hp: dict, total_step: int) -> list[str]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable
 
-from peft import BOFTConfig, HRAConfig, OFTConfig, TaskType
+from peft import BOFTConfig, HRAConfig, OFTConfig
 from torch import nn
 
 from peftlab.errors import UserError
 
 from .base import HParam, TaskInfo, head_param_count
-from .peft_backed import PeftMethod, targeted
+from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
 
 Shape = tuple[str, int, int]  # (module name, d_in, d_out) of one target linear layer
@@ -130,7 +130,7 @@ class OFT(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> OFTConfig:
         return OFTConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=0,  # peft requires exactly one of r and oft_block_size
             oft_block_size=hp["block_size"],
             module_dropout=hp["dropout"],
@@ -195,7 +195,7 @@ class BOFT(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> BOFTConfig:
         return BOFTConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             boft_block_size=hp["block_size"],
             boft_block_num=0,  # peft requires exactly one of block size and block count
             boft_n_butterfly_factor=hp["n_butterfly_factor"],
@@ -251,7 +251,7 @@ class HRA(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> HRAConfig:
         return HRAConfig(
-            task_type=TaskType.SEQ_CLS, r=hp["r"], target_modules=targets_of(hp),
+            task_type=peft_task_type(task), r=hp["r"], target_modules=targets_of(hp),
             modules_to_save=list(task.head_modules),
         )
 

@@ -2,11 +2,11 @@
 peft extends attention_mask and token_type_ids for them; the model's weights are untouched."""
 from __future__ import annotations
 
-from peft import PromptTuningConfig, PromptTuningInit, TaskType
+from peft import PromptTuningConfig, PromptTuningInit
 from torch import nn
 
 from .base import HParam, TaskInfo
-from .peft_backed import PeftMethod
+from .peft_backed import PeftMethod, peft_task_type
 from .registry import register
 
 
@@ -37,7 +37,7 @@ class PromptTuning(PeftMethod):
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> PromptTuningConfig:
         text = hp["init"] == "text"
         return PromptTuningConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             num_virtual_tokens=hp["num_virtual_tokens"],
             prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=hp["init_text"] if text else None,

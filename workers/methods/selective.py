@@ -15,6 +15,7 @@ class Selective(Method):
 
     mergeable = True
     identity_at_init = True
+    task_types = ("text-classification", "image-classification", "causal-lm")
 
     @abstractmethod
     def trains(self, param_name: str) -> bool:
@@ -51,6 +52,7 @@ class LinearProbe(Selective):
     paper = "linear probing (baseline)"
     formula = "head only"
     default_lr = 1e-3
+    task_types = ("text-classification", "image-classification")  # a causal LM has no new head
 
     def trains(self, param_name: str) -> bool:
         return False

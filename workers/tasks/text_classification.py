@@ -1,16 +1,17 @@
-"""Text classification: tokenized batches in, loss and accuracy / macro-F1 out.
-
-The whole data set is tokenized once up front (these sets are small); batches are index
-slices of padded tensors, drawn from a seeded generator so a seed fixes the data order.
-"""
+"""Text classification: tokenized batches in, loss and accuracy / macro-F1 out, and the drift
+of the sentence representation. The data set is tokenized once up front (these sets are small);
+batches are index slices of padded tensors, drawn from a seeded generator."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from peftlab.workers.data import TextClassificationData
+from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.data import TextClassificationData, load_text_classification
+from peftlab.workers.tasks.base import DriftTask, TaskKind
 
 GROUP_WINDOW = 50
 """Batches per window within which examples are grouped by length (see `train_batches`)."""
@@ -35,14 +36,18 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-class TextClassificationTask:
-    """Batches for training, evaluation with loss, accuracy and macro-F1."""
+class TextClassificationTask(DriftTask):
+    """Batches for training, evaluation with loss, accuracy and macro-F1, representation drift.
 
-    type = "text-classification"
-    metrics = ("loss", "accuracy", "macro_f1")
+    Drift is measured on the first `retention_samples` eval sentences: the input of the first
+    head module (the sentence representation the head classifies) before and after tuning.
+    """
 
-    def __init__(self, data: TextClassificationData, tokenizer, max_length: int) -> None:
+    def __init__(self, data: TextClassificationData, tokenizer, max_length: int, *,
+                 head: tuple[str, ...] = ("classifier",), retention_samples: int = 0) -> None:
         self.num_labels = data.num_labels
+        self.head = head[0] if head else None
+        self.retention_samples = retention_samples
         self.train = _encode(tokenizer, data.train_texts, data.train_labels, max_length)
         self.eval = _encode(tokenizer, data.eval_texts, data.eval_labels, max_length)
         self.num_train = len(data.train_labels)
@@ -90,6 +95,43 @@ class TextClassificationTask:
             "accuracy": (pred == gold).float().mean().item(),
             "macro_f1": macro_f1(pred, gold, self.num_labels),
         }
+
+    def reference_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = min(self.retention_samples, len(self.eval["labels"]))
+        for start in range(0, n, 64):
+            yield _trim({k: v[start:min(start + 64, n)] for k, v in self.eval.items()})
+
+
+class TextClassificationKind(TaskKind):
+    name = "text-classification"
+    default_model = "minilm"
+
+    def load_data(self, spec: TaskSpec, data_dir: Path | None) -> TextClassificationData:
+        return load_text_classification(
+            spec.dataset, text_column=spec.text_column, label_column=spec.label_column,
+            max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
+            eval_fraction=spec.eval_fraction, data_dir=data_dir,
+        )
+
+    def load_model(self, model: str, data: TextClassificationData, data_dir: Path | None):
+        from peftlab.workers.models import load_classifier
+
+        return load_classifier(model, data.num_labels)
+
+    def meta_model(self, model: str, data: TextClassificationData, data_dir: Path | None) -> nn.Module:
+        from peftlab.workers.models import meta_classifier
+
+        return meta_classifier(model, data.num_labels)
+
+    def head_modules(self, model: nn.Module) -> tuple[str, ...]:
+        from peftlab.workers.models import head_modules
+
+        return head_modules(model)
+
+    def build_task(self, data: TextClassificationData, processor, head: tuple[str, ...], spec: TaskSpec,
+                   training: TrainingSpec, data_dir: Path | None) -> TextClassificationTask:
+        return TextClassificationTask(data, processor, training.max_length, head=head,
+                                      retention_samples=spec.retention_samples if spec.retention else 0)
 
 
 def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -65,6 +65,9 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: stem, three stages of n blocks, average pool, `linear`."""
 
+    default_target_modules = ("conv1", "conv2")
+    """What LoRA adapts by default: every 3x3 conv (the stem and both convs of each block)."""
+
     def __init__(self, depth: int, num_classes: int = 10) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:

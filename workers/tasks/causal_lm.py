@@ -1,0 +1,183 @@
+"""Causal-LM instruction tuning: prompt + response sequences with the loss on response tokens
+only; loss, perplexity and optionally exact match of greedy answers out, and forgetting (the
+change of loss on reference texts) as retention."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.data import InstructionData, load_instruction_data, load_texts
+from peftlab.workers.tasks.base import Task, TaskKind
+
+IGNORE = -100
+"""Label of positions that carry no loss (the prompt and padding), as transformers' losses expect."""
+DEFAULT_REFERENCE = "sst2"
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels; labels are IGNORE on the prompt and padding.
+
+    The prompt is tokenized apart from the response, so its boundary is exact: the model sees
+    `[bos] prompt response eos`, learns only `response eos`. Sequences longer than max_length lose
+    their end.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows, labels = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + r)[:max_length])
+        labels.append(([IGNORE] * len(p) + r)[:max_length])
+    return _pad(rows, labels, tokenizer.pad_token_id)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Plain language-modelling sequences: every real token is a label."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in texts]
+    return _pad(rows, [list(r) for r in rows], tokenizer.pad_token_id)
+
+
+def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE, dtype=torch.long),
+    }
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        out["input_ids"][i, :len(row)] = torch.tensor(row)
+        out["attention_mask"][i, :len(row)] = 1
+        out["labels"][i, :len(label)] = torch.tensor(label)
+    return out
+
+
+def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    length = max(1, int(batch["attention_mask"].sum(-1).max()))
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def token_loss(model: nn.Module, encoded: dict[str, torch.Tensor], batch_size: int,
+               device: torch.device) -> tuple[float, int]:
+    """(summed next-token cross-entropy over labelled positions, number of those positions)."""
+    total, count = 0.0, 0
+    n = len(encoded["input_ids"])
+    for start in range(0, n, batch_size):
+        batch = _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, -labels.shape[1]:].float()  # prompt methods prepend positions
+        shifted = labels[:, 1:]
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((shifted != IGNORE).sum())
+    return total, count
+
+
+class CausalLmTask(Task):
+    """Instruction pairs; eval loss is per response token, perplexity its exponential."""
+
+    def __init__(self, data: InstructionData, tokenizer, max_length: int, *, exact_match: bool = False,
+                 max_new_tokens: int = 32, reference_texts: list[str] | None = None) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.train = encode_pairs(tokenizer, data.train_prompts, data.train_responses, max_length)
+        self.eval = encode_pairs(tokenizer, data.eval_prompts, data.eval_responses, max_length)
+        self.eval_prompts, self.eval_responses = data.eval_prompts, data.eval_responses
+        self.exact_match, self.max_new_tokens = exact_match, max_new_tokens
+        self.reference = encode_texts(tokenizer, reference_texts, max_length) if reference_texts else None
+        self.base_reference_loss: float | None = None
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        n = len(self.train["input_ids"])
+        size = min(batch_size, n)
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - size + 1, size):
+                yield _trim({k: v[order[start:start + size]] for k, v in self.train.items()})
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+        model.eval()
+        total, count = token_loss(model, self.eval, batch_size, device)
+        metrics = {"loss": total / max(count, 1)}
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # capped: exp overflows a float
+        if self.exact_match:
+            metrics["exact_match"] = self._exact_match(model, batch_size, device)
+        model.train()
+        return metrics
+
+    def _exact_match(self, model: nn.Module, batch_size: int, device: torch.device) -> float:
+        """Share of eval prompts whose greedy answer equals the response (whitespace-stripped)."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        hits = 0
+        for start in range(0, len(self.eval_prompts), batch_size):
+            prompts = [bos + tok(p, add_special_tokens=False)["input_ids"]
+                       for p in self.eval_prompts[start:start + batch_size]]
+            width = max(len(p) for p in prompts)
+            # Left padding: every prompt ends where generation starts.
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            answers = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+            gold = self.eval_responses[start:start + batch_size]
+            hits += sum(a.strip() == g.strip() for a, g in zip(answers, gold, strict=True))
+        return hits / len(self.eval_prompts)
+
+    def _reference_loss(self, model: nn.Module, device: torch.device) -> float:
+        was_training = model.training
+        model.eval()
+        total, count = token_loss(model, self.reference, 32, device)
+        model.train(was_training)
+        return total / max(count, 1)
+
+    def remember(self, model: nn.Module, device: torch.device) -> None:
+        if self.reference is not None:
+            self.base_reference_loss = self._reference_loss(model.to(device), device)
+
+    def retention(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        if self.base_reference_loss is None:
+            return {}
+        return {"forgetting": self._reference_loss(model, device) - self.base_reference_loss}
+
+
+class CausalLmKind(TaskKind):
+    name = "causal-lm"
+    default_model = None
+
+    def load_data(self, spec: TaskSpec, data_dir: Path | None) -> InstructionData:
+        return load_instruction_data(
+            spec.dataset, prompt_column=spec.prompt_column, response_column=spec.response_column,
+            max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
+            eval_fraction=spec.eval_fraction,
+        )
+
+    def load_model(self, model: str, data: InstructionData, data_dir: Path | None):
+        from peftlab.workers.models import load_causal_lm
+
+        return load_causal_lm(model)
+
+    def meta_model(self, model: str, data: InstructionData, data_dir: Path | None) -> nn.Module:
+        from peftlab.workers.models import load_causal_lm
+
+        return load_causal_lm(model, meta=True)[0]
+
+    def head_modules(self, model: nn.Module) -> tuple[str, ...]:
+        return ()  # the LM head is the pretrained one (often tied to the embeddings): nothing new
+
+    def build_task(self, data: InstructionData, processor, head: tuple[str, ...], spec: TaskSpec,
+                   training: TrainingSpec, data_dir: Path | None) -> CausalLmTask:
+        reference = None
+        if spec.retention:
+            reference = load_texts(spec.reference or DEFAULT_REFERENCE, column=spec.text_column,
+                                   limit=spec.retention_samples, data_dir=data_dir)
+        return CausalLmTask(data, processor, training.max_length, exact_match=spec.exact_match,
+                            max_new_tokens=spec.max_new_tokens, reference_texts=reference)
