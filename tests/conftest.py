@@ -2,6 +2,7 @@
 a throwaway PostgreSQL database and a clean PEFTLAB_HOME."""
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -51,9 +52,10 @@ def peftlab_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new database on the PostgreSQL server at 127.0.0.1:5432, dropped on exit; yields its name
+    (the test is skipped when the server does not answer)."""
     import psycopg
     from psycopg import sql
 
@@ -62,13 +64,20 @@ def postgres_url() -> Iterator[str]:
                                 autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {' '.join(str(exc).split())}")
-    name = f"peftlab_test_{uuid.uuid4().hex}"
+    name = f"{prefix}_{uuid.uuid4().hex}"
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+            yield name
         finally:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
+    with fresh_database("peftlab_test") as name:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
 @pytest.fixture(scope="session")

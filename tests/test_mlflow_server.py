@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import fresh_database
 from peftlab.store import ResultsStore, TrialRecord, TrialStatus
 from peftlab.workers.methods.base import ADAPTER_META
 
@@ -29,26 +29,6 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 EXPERIMENT = "shared-services"
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(300)]
-
-
-@contextlib.contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    """A new database on the server at 127.0.0.1:5432, dropped on exit; yields its name."""
-    import psycopg
-    from psycopg import sql
-
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                                autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {' '.join(str(exc).split())}")
-    name = f"{prefix}_{uuid.uuid4().hex}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield name
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def free_port() -> int:
