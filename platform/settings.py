@@ -52,6 +52,16 @@ def data_dir() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+"""Set (to anything but 0), nothing is downloaded: data sets must then be local."""
+
+
+def download_cache() -> Path:
+    """Where data sets without a local copy are downloaded to, once."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "peftlab" / "datasets"
+
+
 def ray_storage() -> Path:
     return home() / "ray"
 

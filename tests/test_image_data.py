@@ -180,3 +180,53 @@ def test_npz_missing_eval_split(data_dir, tmp_path):
                  train_labels=npz["train_labels"][:5])
     with pytest.raises(UserError, match="no 'test_images'/'test_labels'"):
         load_image_classification("pneumoniamnist", data_dir=tmp_path)
+
+
+@pytest.fixture
+def file_server(data_dir):
+    """A real HTTP server on 127.0.0.1 serving the data folder, standing in for a public origin."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _online(monkeypatch, tmp_path, name: str, base_url: str) -> None:
+    import dataclasses
+
+    from peftlab.workers import image_data
+
+    info = image_data.IMAGE_DATASETS[name]
+    downloads = tuple((f, f"{base_url}/{info.folder}/{f}") for f, _ in info.downloads)
+    monkeypatch.setitem(image_data.IMAGE_DATASETS, name, dataclasses.replace(info, downloads=downloads))
+    monkeypatch.delenv("PEFTLAB_DATA_DIR", raising=False)
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+
+def test_without_a_local_copy_the_files_are_downloaded_once(file_server, monkeypatch, tmp_path):
+    server, url = file_server
+    _online(monkeypatch, tmp_path, "breastmnist", url)
+    assert len(load_image_classification("breastmnist").eval_labels) == 156
+    assert (tmp_path / "peftlab" / "datasets" / "medical" / "breastmnist" / "breastmnist.npz").is_file()
+    server.shutdown()  # the second load reads the cache, not the network
+    assert len(load_image_classification("breastmnist").train_labels) == 546
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_file(monkeypatch, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _online(monkeypatch, tmp_path, "mnist", closed)
+    with pytest.raises(UserError, match=r"needs a local copy.*downloading http://127\.0\.0\.1:\d+/.* failed"):
+        load_image_classification("mnist")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

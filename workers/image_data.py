@@ -5,6 +5,8 @@ Each is read from PEFTLAB_DATA_DIR (laid out like ../shared/datasets) as uint8 N
 from __future__ import annotations
 
 import gzip
+import os
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ class ImageDatasetInfo:
     read_local: Callable[[Path], Arrays]
     """Reads the (train, eval) arrays from the data set's folder."""
     label_names: tuple[str, ...]
+    downloads: tuple[tuple[str, str], ...] = ()
+    """(file name in the folder, public URL): what is fetched when no local copy is configured."""
 
 
 @dataclass
@@ -162,6 +166,8 @@ def _read_landsat(folder: Path) -> Arrays:
 
 
 _MEDMNIST = "MedMNIST v2, https://medmnist.com (the `medmnist` package downloads {}.npz)"
+_MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
+"""Where the `medmnist` package downloads its 28x28 files from."""
 
 IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
     info.name: info
@@ -179,6 +185,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
             "normal undersampled by the uploader) / test 624.",
             read_local=_read_medmnist("pneumoniamnist.npz", "test"),
             label_names=("normal", "pneumonia"),
+            downloads=(("pneumoniamnist.npz", _MEDMNIST_URL.format("pneumoniamnist")),),
         ),
         ImageDatasetInfo(
             name="breastmnist", domain="medical/ultrasound", metric="auroc",
@@ -189,6 +196,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
             description="Malignant vs normal/benign breast ultrasound, 28x28 grey: train 546 / test 156.",
             read_local=_read_medmnist("breastmnist.npz", "test"),
             label_names=("malignant", "normal/benign"),
+            downloads=(("breastmnist.npz", _MEDMNIST_URL.format("breastmnist")),),
         ),
         ImageDatasetInfo(
             name="mnist", domain="vision/digits", metric="accuracy",
@@ -198,6 +206,9 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
             description="The 10,000 MNIST test digits, 28x28 grey, re-split (stratified, fixed seed) "
             "into train 8,000 / test 2,000.",
             read_local=_read_mnist, label_names=tuple(str(d) for d in range(10)),
+            # The same IDX files as the local copy, from the mirror torchvision downloads from.
+            downloads=tuple((f, f"https://ossci-datasets.s3.amazonaws.com/mnist/{f}")
+                            for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
         ),
         # macro_f1, not accuracy: the classes are unbalanced (damp grey soil is 9% of train, red
         # soil 24%) and the damp/very damp/grey soils are the ones that get confused; accuracy
@@ -212,6 +223,8 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
             description="Statlog Landsat: 3x3-pixel, 4-band MSS patches as 4 x 3 x 3 images, 6 "
             "land-cover classes of the centre pixel: train 4,435 / test 2,000.",
             read_local=_read_landsat,
+            downloads=tuple((f, f"https://archive.ics.uci.edu/ml/machine-learning-databases/statlog/satimage/{f}")
+                            for f in ("sat.trn", "sat.tst")),
             label_names=("red soil", "cotton crop", "grey soil", "damp grey soil",
                          "soil with vegetation stubble", "very damp grey soil"),
         ),
@@ -239,10 +252,7 @@ def load_image_classification(
             raise UserError(f"{key} must be at least 1, got {value}")
     info = IMAGE_DATASETS[name]
     root = data_dir or settings.data_dir()
-    if root is None:
-        raise UserError(f"dataset '{name}' needs a local copy: set {settings.ENV_DATA} to a folder "
-                        f"holding {info.folder}/ (public origin: {info.origin})")
-    folder = Path(root) / info.folder
+    folder = Path(root) / info.folder if root is not None else _downloaded(info)
     if not folder.is_dir():
         raise UserError(f"dataset '{name}' not found at {folder}; set {settings.ENV_DATA} to a folder "
                         f"holding {info.folder}/ (public origin: {info.origin})")
@@ -263,6 +273,30 @@ def load_image_classification(
         label_names=list(info.label_names),
         channels=int(train_x.shape[1]),
     )
+
+
+def _downloaded(info: ImageDatasetInfo) -> Path:
+    """The data set's files fetched from their public origin into the download cache (once)."""
+    folder = settings.download_cache() / info.folder
+    missing = [(f, url) for f, url in info.downloads if not (folder / f).is_file()]
+    if not missing:
+        return folder
+    needs_copy = (f"dataset '{info.name}' needs a local copy: set {settings.ENV_DATA} to a folder "
+                  f"holding {info.folder}/ (public origin: {info.origin})")
+    if not info.downloads or any(os.environ.get(v, "") not in ("", "0") for v in settings.OFFLINE_ENV):
+        raise UserError(needs_copy)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, url in missing:
+        partial = folder / f".{file_name}.part"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:  # URLError, timeouts and HTTP errors are all OSErrors
+            partial.unlink(missing_ok=True)
+            raise UserError(f"{needs_copy}; downloading {url} failed: {exc}") from None
+        partial.rename(folder / file_name)  # only a complete file gets the real name
+    return folder
 
 
 def _subsample(size: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
