@@ -61,8 +61,8 @@ def both_nodes(url: str, env: dict[str, str]) -> set[str] | None:
     """The ids of the two live nodes, from Ray's state API; None until both have joined."""
     listed = subprocess.run([RAY, "list", "nodes", "--address", url, "--format", "json"], check=False, env=env,
                             capture_output=True, text=True, timeout=60)
-    if listed.returncode != 0:
-        return None
+    if listed.returncode != 0 or not listed.stdout.lstrip().startswith("["):
+        return None  # before any node registers, Ray prints "No resource in the cluster", not JSON
     alive = {node["node_id"] for node in json.loads(listed.stdout) if node["state"] == "ALIVE"}
     return alive if len(alive) == 2 else None
 

@@ -8,12 +8,13 @@ from test_sweep import mlflow_runs, run_cli
 from peftlab.spec import load_spec
 from peftlab.store import ResultsStore, TrialStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
 def test_cross_domain_smoke(tmp_path, data_dir):
     home = tmp_path / "runs"
-    done = run_cli("run", "examples/cross_domain.yaml", "--smoke", home=home, timeout=1400)
+    # Minutes on a 2-core machine; the limit is generous because a CI machine may be shared.
+    done = run_cli("run", "examples/cross_domain.yaml", "--smoke", home=home, timeout=2700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Parameter budget per task" in done.stdout
 
