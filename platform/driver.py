@@ -71,6 +71,11 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None) -> list[Budget
     from peftlab.workers.tasks import task_kind
 
     problems: list[str] = []
+    if spec.quantization is not None:
+        from peftlab.workers.models import quantization_problem
+
+        if (reason := quantization_problem()) is not None:
+            problems.append(f"quantization: {reason}")
     spaces, _ = method_spaces(spec)
     models = {}
     data_dir = settings.data_dir()
@@ -86,6 +91,9 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None) -> list[Budget
         except UserError as exc:
             problems.append(f"tasks[{i}].model: {exc}")
             continue
+        if spec.training.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+            problems.append(f"training.gradient_checkpointing: {type(model).__name__} ({spec.model_for(task)}, "
+                            f"tasks[{i}]) does not support gradient checkpointing")
         info = TaskInfo(task.type, data.num_labels, kind.head_modules(model))
         models[task.label] = (model, info)
         for name in spec.methods_for(task):
@@ -142,6 +150,24 @@ def check_ray_reachable(address: str | None, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
 
 
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance will offer: every CPU, and the GPUs torch can see."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(spec: ExperimentSpec, available: dict[str, float], where: str, source: str | None = None) -> None:
+    """Refuse, in one line, a trial that could never be placed: Ray would wait for it forever."""
+    res, workers = spec.resources, spec.resources.workers_per_trial
+    for kind, each, key in (("CPU", res.cpus_per_trial, "cpus_per_trial"), ("GPU", res.gpus_per_trial, "gpus_per_trial")):
+        needed, have = each * workers, available.get(kind, 0.0)
+        per = f" ({workers} workers x {each:g})" if workers > 1 else ""
+        if needed > have:
+            raise UserError(f"resources.{key}: a trial needs {needed:g} {kind}s{per} but {where} has "
+                            f"{have:g}; lower it or add {kind}s to the cluster", where=source)
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -168,6 +194,24 @@ def _max_concurrent(spec: ExperimentSpec) -> int:
     if spec.resources.gpus_per_trial:
         fits = min(fits, resources.get("GPU", 0) // (spec.resources.gpus_per_trial * workers))
     return max(1, int(fits))
+
+
+def run_params(spec: ExperimentSpec) -> dict[str, object]:
+    """How every trial of the experiment trains, as MLflow params beside its hyperparameters."""
+    training, q = spec.training, spec.quantization
+    params: dict[str, object] = {
+        "training.precision": training.precision,
+        "training.gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "training.gradient_checkpointing": training.gradient_checkpointing,
+        "training.batch_size": training.batch_size,
+        "model_dtype": spec.model_dtype,
+        "resources.gpus_per_trial": spec.resources.gpus_per_trial,
+        "resources.workers_per_trial": spec.resources.workers_per_trial,
+        "quantization": "none" if q is None else f"{q.bits}-bit" + (f" {q.type}" if q.bits == 4 else ""),
+    }
+    if q is not None and q.bits == 4:
+        params.update({"quantization.double_quant": q.double_quant, "quantization.compute_dtype": q.compute_dtype})
+    return params
 
 
 SEARCH, SEEDS = "search", "seeds"
@@ -208,6 +252,7 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
         experiment=spec.name, model=spec.model_for(task_plan.task), task=task_plan.task, training=spec.training,
         adapters_dir=str(settings.adapters_dir()), data_dir=str(data_dir) if data_dir else None,
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
+        model_dtype=spec.model_dtype, quantization=spec.quantization,
     )
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import run_distributed_trial
@@ -216,7 +261,7 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
         # GPUs; Ray refuses an empty request, so the driver asks for a token share of a CPU.
         return tune.with_resources(
             tune.with_parameters(run_distributed_trial, context=context,
-                                 workers=spec.resources.workers_per_trial, deepspeed=spec.deepspeed),
+                                 resources=spec.resources, deepspeed=spec.deepspeed),
             {"cpu": 0.01},
         )
     return tune.with_resources(
@@ -243,8 +288,8 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
-                            seeds=spec.training.seeds, spec_hash=spec.spec_hash(), max_steps=spec.training.max_steps,
-                            phase=phase)
+                            seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,
+                            run_params=run_params(spec))
         concurrent = _max_concurrent(spec)
         what = (f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler" if phase == SEARCH
                 else "the best configuration of each method with more seeds")
@@ -262,7 +307,7 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
             run_config=tune.RunConfig(
                 name=path.name,
                 storage_path=str(path.parent),
-                callbacks=[recorder, SweepProgress(task_plan, spec.training.max_steps)],
+                callbacks=[recorder, SweepProgress(task_plan)],
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
             ),
@@ -281,18 +326,28 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     Raises KeyboardInterrupt (experiment INTERRUPTED) when the user stopped the sweep.
     """
     console = console or Console()
+    import ray
+
     fits = preflight(spec, source=source)
-    check_ray_reachable(settings.ray_address(address))
+    address = settings.ray_address(address)
+    check_ray_reachable(address)
+    if not address and not ray.is_initialized():
+        check_resources(spec, local_resources(), "this machine", source)  # before a local Ray starts
     store_url, tracking_uri = settings.store_url(store_url), settings.tracking_uri(tracking_uri)
     store = ResultsStore(store_url)
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Trials report progress between evaluations, without the metric; ASHA and the searchers
+    # (EvaluationsOnly) act on evaluations only, and the spec's metric was checked at validation.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # MLflow's first connection (import, schema migration) overlaps Ray's start-up; an
     # unreachable tracking server still fails here, before any trial runs.
     with ThreadPoolExecutor(max_workers=1) as pool:
         tracker = pool.submit(Tracker, tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())
-        init_ray(settings.ray_address(address))
+        init_ray(address)
         tracker = tracker.result()
+    check_resources(spec, ray.cluster_resources(),
+                    f"the cluster at {address}" if address else "the local Ray instance", source)
     if fits:
         from peftlab.progress import budget_table
 

@@ -10,12 +10,13 @@ import sys
 import time
 
 from ray.tune import Callback
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from peftlab.search import TaskPlan
 from peftlab.store import LeaderboardRow
+from peftlab.workers.report import Outcome, TrialReport
 
 
 def _short(hparams: dict) -> str:
@@ -25,11 +26,14 @@ def _short(hparams: dict) -> str:
 
 
 class SweepProgress(Callback):
-    """Pending / running / done / early-stopped / failed, and the best so far."""
+    """Pending / running / done / early-stopped / failed, the best so far and the elapsed time
+    (re-drawn every second), and one row per running trial: its step, throughput and last scores."""
 
-    def __init__(self, task_plan: TaskPlan, max_steps: int) -> None:
-        self.plan, self.max_steps = task_plan, max_steps
+    def __init__(self, task_plan: TaskPlan) -> None:
+        self.plan = task_plan
         self.state: dict[str, str] = {}
+        self.running: dict[str, tuple[str, TrialReport | None, TrialReport | None]] = {}
+        """trial id -> (method and config, its latest report, its latest evaluation)."""
         self.best: tuple[float, str] | None = None
         self.started = time.monotonic()
         self._live: Live | None = None
@@ -45,10 +49,12 @@ class SweepProgress(Callback):
     @property
     def live(self) -> Live:
         if self._live is None:
-            self._live = Live(self._render(), console=Console(width=None if sys.stdout.isatty() else 160), refresh_per_second=2, transient=True)
+            # get_renderable: every refresh re-draws, so the clock ticks between reports.
+            self._live = Live(get_renderable=self._render, console=Console(width=None if sys.stdout.isatty() else 160),
+                              refresh_per_second=1, transient=True)
         return self._live
 
-    def _render(self) -> Table:
+    def _render(self) -> Group:
         counts = {s: list(self.state.values()).count(s) for s in ("running", "done", "early-stopped", "failed")}
         pending = self.plan.num_trials - len(self.state)
         table = Table(title=f"{self.plan.task.label}: {self.plan.metric} ({self.plan.mode})", title_justify="left")
@@ -57,19 +63,43 @@ class SweepProgress(Callback):
         best = f"{self.best[0]:.4f}  {self.best[1]}" if self.best else "-"
         elapsed = f"{time.monotonic() - self.started:.0f}s"
         table.add_row(str(pending), *(str(counts[s]) for s in counts), best, elapsed)
-        return table
+        if not self.running:
+            return Group(table)
+        trials = Table(box=None, pad_edge=False)
+        for column in ("trial", "step", "samples/s", "train loss", self.plan.metric):
+            trials.add_column(column)
+        for name, report, evaluation in list(self.running.values()):
+            if report is None:
+                trials.add_row(name, "starting", "-", "-", "-")
+                continue
+            loss = f"{report.train_loss:.4f}" if report.train_loss is not None else "-"
+            trials.add_row(name, f"{report.step}/{report.max_steps}", f"{report.costs.samples_per_second:.1f}",
+                           loss, self._score(evaluation))
+        return Group(table, trials)
+
+    def _score(self, evaluation: TrialReport | None) -> str:
+        value = evaluation.scores().get(self.plan.metric) if evaluation is not None else None
+        return f"{value:.4f} at {evaluation.step}" if isinstance(value, (int, float)) else "-"
 
     def _update(self) -> None:
-        self.live.update(self._render())
+        self.live.refresh()
 
     def setup(self, **info) -> None:
         self.live.start()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.state[trial.trial_id] = "running"
+        config = trial.config
+        self.running[trial.trial_id] = (f"{config['method']} {_short(config.get(config['method'], {}))}", None, None)
         self._update()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        report = TrialReport.from_result(result)
+        if report is None:
+            return
+        name, _, evaluation = self.running.get(trial.trial_id, (trial.config["method"], None, None))
+        # Between evaluations the last one's score stays on screen.
+        self.running[trial.trial_id] = (name, report, report if report.is_evaluation else evaluation)
         value = result.get(self.plan.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             if self.best is None or (value > self.best[0] if self.plan.mode == "max" else value < self.best[0]):
@@ -78,17 +108,17 @@ class SweepProgress(Callback):
 
     def _line(self, trial, state: str, detail: str) -> None:
         self.state[trial.trial_id] = state
+        self.running.pop(trial.trial_id, None)
         config = trial.config
         self.console.print(f"  {state:<13} {config['method']:<14} {_short(config.get(config['method'], {}))}  {detail}",
                            highlight=False)
         self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        state = "done" if last.get("step") == self.max_steps else "early-stopped"
-        value = last.get(self.plan.metric)
-        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-        self._line(trial, state, f"{self.plan.metric}={shown} at step {last.get('step', 0)}")
+        last = TrialReport.from_result(trial.last_result)
+        state = "done" if last is not None and last.outcome is Outcome.COMPLETED else "early-stopped"
+        _, _, evaluation = self.running.get(trial.trial_id, ("", None, None))
+        self._line(trial, state, f"{self.plan.metric}={self._score(evaluation)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from peftlab.recorder import error_reason

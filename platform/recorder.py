@@ -16,9 +16,9 @@ from peftlab.search import TaskPlan
 from peftlab.store import ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 from peftlab.workers.methods import get_method
+from peftlab.workers.report import Outcome, TrialReport
 from peftlab.workers.trial import hparams_of, seed_of
 
-CURVE_PREFIXES = ("eval/", "train/")
 COST_KEYS = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
              "peak_memory_bytes", "train_seconds", "samples_per_second")
 MLFLOW_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.EARLY_STOPPED: "KILLED",
@@ -48,9 +48,11 @@ class Recorder(Callback):
     """Writes trial rows, metric curves and MLflow runs as Tune reports them."""
 
     def __init__(self, *, experiment: str, model: str, task_plan: TaskPlan, seeds: list[int],
-                 spec_hash: str, max_steps: int, phase: str = "search") -> None:
+                 spec_hash: str, phase: str = "search", run_params: dict | None = None) -> None:
         self.experiment, self.model, self.plan, self.phase = experiment, model, task_plan, phase
-        self.seeds, self.spec_hash, self.max_steps = seeds, spec_hash, max_steps
+        self.run_params = run_params or {}
+        """How every trial trains (precision, accumulation...), logged beside its hyperparameters."""
+        self.seeds, self.spec_hash = seeds, spec_hash
         self.records: dict[str, TrialRecord] = {}
         self.runs: dict[str, str] = {}
 
@@ -80,7 +82,7 @@ class Recorder(Callback):
         # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
         known = self.store.get_trial(trial.trial_id)
         run_id = (known.mlflow_run_id if known else None) or self.tracker.start_run(
-            f"{task.label}-{method.name}-{trial.trial_id}", tags, {"method": method.name, "seed": seed, **hparams})
+            f"{task.label}-{method.name}-{trial.trial_id}", tags, {"method": method.name, "seed": seed, **hparams, **self.run_params})
         self.runs[trial.trial_id] = run_id
         record = TrialRecord(
             trial_id=trial.trial_id, experiment=self.experiment, task=task.label,
@@ -92,20 +94,25 @@ class Recorder(Callback):
         self.store.upsert_trial(record)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        report = TrialReport.from_result(result)
+        if report is None:
+            return
         record = self.records[trial.trial_id]
-        step = int(result["step"])
-        curve = {k: float(v) for k, v in result.items() if k.startswith(CURVE_PREFIXES)}
-        self.store.add_metrics(trial.trial_id, step, curve)
-        self.tracker.log_metrics(self.runs[trial.trial_id], curve, step)
-        value = result.get(self.plan.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.objective):
-            record.objective, record.best_metrics = float(value), {**curve, "step": step}
-        record.final_metrics = {**curve, "step": step}
-        record.steps = step
-        record.node = result.get("node")
+        curve = report.curve()
+        self.store.add_metrics(trial.trial_id, report.step, curve)
+        self.tracker.log_metrics(self.runs[trial.trial_id], curve, report.step)
+        if report.is_evaluation:
+            value = report.scores().get(self.plan.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.objective):
+                record.objective, record.best_metrics = float(value), {**curve, "step": report.step}
+            record.final_metrics = {**curve, "step": report.step}
+            record.steps = report.step  # steps trained as of its latest evaluation
+        record.node = report.node
+        costs = report.costs
         for key in COST_KEYS:
-            if key in result:
-                setattr(record, key, result[key])
+            value = getattr(costs, key)
+            if value is not None:
+                setattr(record, key, value)
         self.store.upsert_trial(record)
 
     def _finish(self, trial, status: TrialStatus, error: str | None = None) -> None:
@@ -118,11 +125,14 @@ class Recorder(Callback):
         self.store.upsert_trial(record)
         summary = {k: v for k, v in (record.final_metrics or {}).items() if k != "step"}
         summary.update({k: getattr(record, k) for k in COST_KEYS if getattr(record, k) is not None})
-        artifact = (trial.last_result or {}).get("adapter_path")
+        last = TrialReport.from_result(trial.last_result)
+        artifact = last.adapter_path if last else None
         self.tracker.finish(self.runs[trial.trial_id], MLFLOW_STATUS[status], summary=summary, artifact_dir=artifact)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        finished = (trial.last_result or {}).get("step") == self.max_steps
+        # Only a trial that trained to its end sends an outcome; one that Tune stopped does not.
+        last = TrialReport.from_result(trial.last_result)
+        finished = last is not None and last.outcome is Outcome.COMPLETED
         self._finish(trial, TrialStatus.COMPLETED if finished else TrialStatus.EARLY_STOPPED)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -105,6 +105,8 @@ def build_search_alg(spec: ExperimentSpec, task_plan: TaskPlan):
     from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
+    from peftlab.searchers import EvaluationsOnly
+
     if task_plan.configs is not None:
         return _fixed_configs(task_plan.configs)
     import optuna
@@ -118,7 +120,7 @@ def build_search_alg(spec: ExperimentSpec, task_plan: TaskPlan):
         points_to_evaluate=[{"method": m} for m in task_plan.spaces],
     )
     seeds = spec.training.seeds
-    return Repeater(searcher, repeat=len(seeds), set_index=True) if len(seeds) > 1 else searcher
+    return EvaluationsOnly(Repeater(searcher, repeat=len(seeds), set_index=True) if len(seeds) > 1 else searcher)
 
 
 def _fixed_configs(configs: list[dict]):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftlab.errors import SpecError, UserError
 from peftlab.search_space import Leaf, parse_leaf
@@ -136,6 +136,16 @@ class TrainingSpec(_Strict):
     """Tokens per example after truncation."""
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     """Every sampled configuration runs once per seed."""
+    log_every: Annotated[int, Field(ge=1)] = 10
+    """Report the train loss and throughput every this many steps (between evaluations too)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: fp32, or autocast to bf16 (GPU and CPU) or fp16 (GPU only, with loss
+    scaling); weights and optimizer state stay in the dtype the model was loaded in."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimizer step: each `batch_size` batch is cut into this many (less
+    activation memory, the same batch and data order)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, slower)."""
 
 
 class ResourcesSpec(_Strict):
@@ -144,10 +154,18 @@ class ResourcesSpec(_Strict):
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1
     """CPUs reserved per trial, per worker when workers_per_trial > 1 (also torch's thread count)."""
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0
-    """GPUs reserved per trial, per worker when workers_per_trial > 1."""
+    """GPUs reserved per trial, per worker when workers_per_trial > 1; a fraction below 1 (0.25,
+    0.5) packs several trials onto one GPU."""
     workers_per_trial: Annotated[int, Field(ge=1)] = 1
     """Processes per trial: above 1, each trial is a Ray Train run of this many DeepSpeed workers
     (see `deepspeed`) sharing every training batch."""
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"above 1 must be a whole number of GPUs (Ray shares only fractions of one GPU), got {value}")
+        return value
 
 
 class DeepSpeedSpec(_Strict):
@@ -156,15 +174,20 @@ class DeepSpeedSpec(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 0 replicates everything (data parallel), 1 shards the optimizer state across
     workers, 2 also the gradients, 3 also the parameters."""
-    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
-    """Micro-batches per optimizer step: each worker's share of `training.batch_size` is cut into
-    this many, which saves activation memory without changing the batch."""
     offload_optimizer: bool = False
     """Keep the optimizer state, and run its step, in CPU memory."""
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
-    bf16: Literal["auto", True, False] = "auto"
-    """bfloat16 weights and compute; auto: on when the trial has GPUs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = {"gradient_accumulation_steps": "training.gradient_accumulation_steps",
+                 "bf16": "training.precision: bf16"}
+        if isinstance(data, dict):
+            for key in data.keys() & moved.keys():
+                raise ValueError(f"`deepspeed.{key}` is now `{moved[key]}`, shared by every trial")
+        return data
 
     @field_validator("offload_params")
     @classmethod
@@ -173,6 +196,19 @@ class DeepSpeedSpec(_Strict):
         if value and stage is not None and stage != 3:
             raise ValueError(f"needs zero_stage: 3 (parameters are only sharded there), got zero_stage: {stage}")
         return value
+
+
+class QuantizationSpec(_Strict):
+    """A k-bit quantized, frozen base model (QLoRA) through bitsandbytes, for LoRA-family methods."""
+
+    bits: Literal[4, 8] = 4
+    """4 (QLoRA) or 8 (LLM.int8) bits per frozen weight."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (normal float, QLoRA's choice) or fp4."""
+    double_quant: bool = True
+    """Also quantize the quantization constants (4-bit only; about 0.4 bits per weight saved)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype in which the dequantized weights are multiplied."""
 
 
 class ExperimentSpec(_Strict):
@@ -189,6 +225,10 @@ class ExperimentSpec(_Strict):
     """Tasks to run; each gets its own search."""
     methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
     """Method name -> its hyperparameters: fixed values, lists (choice) or ranges."""
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype of every model's weights at load; auto: the dtype the checkpoint was saved in."""
+    quantization: QuantizationSpec | None = None
+    """Load the frozen base model quantized (bitsandbytes; needs a CUDA GPU per trial)."""
     budget: int | str | None = None
     """Trainable parameters per method (head included): a count (50000) or a share of the task's
     model as loaded, new head included ("0.5%"). Each method's size hyperparameter is set to meet it; methods of fixed
@@ -362,29 +402,38 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
         problems += _grid_problems(spec)
     if spec.budget is not None:
         problems += _budget_problems(spec)
+    problems += _device_problems(spec)
     if spec.resources.workers_per_trial > 1:
-        problems += _multi_worker_problems(spec)
+        from peftlab.workers.distributed import multi_worker_problems
+
+        problems += multi_worker_problems(list(spec.methods), spec.training, spec.resources,
+                                          quantized=spec.quantization is not None)
+    else:
+        from peftlab.workers.train import batch_problems
+
+        problems += batch_problems(spec.training.batch_size, spec.training.gradient_accumulation_steps)
     return problems
 
 
-def _multi_worker_problems(spec: ExperimentSpec) -> list[str]:
-    """What a DeepSpeed trial would refuse at its start, found before anything runs."""
+def _device_problems(spec: ExperimentSpec) -> list[str]:
+    """Precision and quantization against the trial's devices and methods."""
     from peftlab.workers.methods import all_methods
-    from peftlab.workers.methods.base import Method
 
-    registry = all_methods()
-    workers, accumulation = spec.resources.workers_per_trial, spec.deepspeed.gradient_accumulation_steps
-    problems = []
-    if spec.training.batch_size < workers * accumulation:
-        problems.append(f"training.batch_size: {spec.training.batch_size} is below workers_per_trial x "
-                        f"gradient_accumulation_steps ({workers} x {accumulation}): a worker would get no examples")
-    for name in spec.methods:
-        method = registry.get(name)  # an unknown name is reported by method_spaces
-        if method is not None and type(method).on_step is not Method.on_step:
-            problems.append(f"methods.{name}: reshapes itself from gradients during training, which "
-                            "multi-worker (DeepSpeed) trials do not support; use workers_per_trial: 1")
+    problems, on_gpu = [], spec.resources.gpus_per_trial > 0
+    if spec.training.precision == "fp16" and not on_gpu:
+        problems.append("training.precision: fp16 needs a GPU (resources.gpus_per_trial is 0); "
+                        "on CPU use bf16 or fp32")
+    if spec.quantization is not None:
+        if not on_gpu:
+            problems.append("quantization: bitsandbytes quantization needs a CUDA GPU per trial "
+                            "(resources.gpus_per_trial is 0)")
+        registry = all_methods()
+        refused = [m for m in spec.methods if m in registry and not registry[m].quantizable]
+        if refused:
+            allowed = ", ".join(sorted(n for n, m in registry.items() if m.quantizable))
+            problems.append(f"quantization: trains LoRA-family methods only ({allowed}) on the frozen "
+                            f"quantized base, not {', '.join(refused)}")
     return problems
-
 
 
 def _budget_problems(spec: ExperimentSpec) -> list[str]:

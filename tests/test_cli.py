@@ -52,6 +52,18 @@ def breakages(tmp: Path) -> dict:
         "unknown model path": (lambda s: s.update(model=str(tmp / "no-model")), "model: model path not found"),
         "max_concurrent < 1": (lambda s: s["search"].update(max_concurrent=0), "search.max_concurrent: must be at least 1"),
         "method cannot apply": (lambda s: s["methods"]["lora"].update(target_modules=["q_proj"]), "methods.lora:"),
+        "fp16 on CPU": (lambda s: s["training"].update(precision="fp16"), "training.precision: fp16 needs a GPU"),
+        "quantized non-LoRA method": (lambda s: s.update(quantization={"bits": 4}, resources={"gpus_per_trial": 1}),
+                                      "quantization: trains LoRA-family methods only (dora, lora) on the frozen "
+                                      "quantized base, not bitfit"),
+        # This machine has no CUDA GPU (nor, in CI, bitsandbytes): validate says so before anything runs.
+        "quantization this machine cannot run": (
+            lambda s: (s.update(quantization={"bits": 4}, resources={"gpus_per_trial": 1}), s["methods"].pop("bitfit")),
+            "quantization: bitsandbytes"),
+        "fractional GPUs above one": (lambda s: s.update(resources={"gpus_per_trial": 1.5}),
+                                      "resources.gpus_per_trial: above 1 must be a whole number of GPUs"),
+        "accumulation beyond the batch": (lambda s: s["training"].update(batch_size=4, gradient_accumulation_steps=8),
+                                          "training.batch_size: 4 is below workers_per_trial x gradient_accumulation_steps"),
     }
 
 
@@ -79,6 +91,42 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, command, tmp_path
     assert expected in lines[0]
     assert not ray.is_initialized()
     assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
+
+
+@pytest.mark.parametrize("resources, expected", [
+    ({"gpus_per_trial": 2, "workers_per_trial": 2},
+     "resources.gpus_per_trial: a trial needs 4 GPUs (2 workers x 2) but this machine has 0"),
+    ({"cpus_per_trial": 4096}, "resources.cpus_per_trial: a trial needs 4096 CPUs but this machine has"),
+])
+def test_run_refuses_a_trial_this_machine_cannot_place(resources, expected, tmp_path, peftlab_home, sentiment_csv,
+                                                      tiny_bert_dir):
+    import ray
+
+    spec = good_spec(sentiment_csv, tiny_bert_dir)
+    spec["methods"].pop("bitfit")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**spec, "resources": resources}))
+    assert runner.invoke(app, ["validate", str(spec_path)]).exit_code == 0  # the spec itself is fine
+    result = runner.invoke(app, ["run", str(spec_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {spec_path}: {expected}"), result.stderr
+    assert not ray.is_initialized()
+    assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_refused(tmp_path, peftlab_home, data_dir):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "gc", "model": "resnet20-cifar10", "methods": {"lora": {}},
+        "tasks": [{"type": "image-classification", "dataset": "breastmnist"}],
+        "training": {"gradient_checkpointing": True}}))
+    result = runner.invoke(app, ["validate", str(spec_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        f"error: {spec_path}: training.gradient_checkpointing: LogitsClassifier (resnet20-cifar10, tasks[0]) "
+        "does not support gradient checkpointing"), result.stderr
 
 
 def test_real_process_exit_code_and_stderr(tmp_path):

@@ -43,9 +43,10 @@ def test_training_lowers_the_loss_on_minilm_and_sst2(name, sst2, minilm):
     task = TextClassificationTask(sst2, tokenizer, max_length=TOKENS)
     windows: list[float] = []
     settings = LoopSettings(max_steps=STEPS, batch_size=BATCH, eval_batch_size=16, eval_every=WINDOW,
-                            warmup_ratio=0.06, max_grad_norm=1.0, lr=method.default_lr, weight_decay=0.0)
+                            warmup_ratio=0.06, max_grad_norm=1.0, lr=method.default_lr, weight_decay=0.0,
+                            log_every=WINDOW)
     train(model, task, settings, seed=0, device=torch.device("cpu"),
-          report=lambda result: windows.append(result["train/loss"]),
+          report=lambda record: windows.append(record.train_loss),
           after_step=lambda step: method.on_step(model, step, STEPS))
     # Mean training loss over the first and the last 15 steps, on the same 64 sentences.
     assert windows[-1] < windows[0], f"{name}: loss {windows[0]:.4f} -> {windows[-1]:.4f} ({windows})"

@@ -94,6 +94,9 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert good.samples_per_second > 0 and 0.0 <= good.final_metrics["eval/accuracy"] <= 1.0
     assert good.objective == min(v for s, n, v in store.metrics(good.trial_id) if n == "eval/loss")
     assert sorted({s for s, n, _ in store.metrics(good.trial_id) if n == "eval/accuracy"}) == [25, 50, 75]
+    # The train loss every log_every (10) steps and at each evaluation, not only at evaluations.
+    loss_steps = [10, 20, 25, 30, 40, 50, 60, 70, 75]
+    assert [s for s, n, _ in store.metrics(good.trial_id) if n == "train/loss"] == loss_steps
 
     client, runs = mlflow_runs(home, "e2e")
     assert set(runs) == {t.trial_id for t in trials}
@@ -104,6 +107,12 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert runs[good.trial_id].info.status == "FINISHED"
     history = client.get_metric_history(good.mlflow_run_id, "eval/accuracy")
     assert [m.step for m in history] == [25, 50, 75]
+    assert sorted(m.step for m in client.get_metric_history(good.mlflow_run_id, "train/loss")) == loss_steps
+    params = runs[good.trial_id].data.params
+    assert {k: params[k] for k in ("training.precision", "training.gradient_accumulation_steps",
+                                   "training.gradient_checkpointing", "model_dtype", "quantization")} == {
+        "training.precision": "fp32", "training.gradient_accumulation_steps": "1",
+        "training.gradient_checkpointing": "False", "model_dtype": "float32", "quantization": "none"}
     assert [a.path for a in client.list_artifacts(good.mlflow_run_id)] == ["adapter"]
 
     listed = run_cli("results", "e2e", "--format", "json", home=home)

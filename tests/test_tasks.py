@@ -84,10 +84,10 @@ def test_causal_lm_trains_with_lora_on_conv1d_and_reports_exact_match(tiny_gpt2_
     trial = _trial(spec, "lora", {"r": 4}, data_dir)
     base, _ = load_causal_lm(str(tiny_gpt2_dir))
     info = TaskInfo("causal-lm", 0, ())
-    assert trial.static["trainable_params"] == get_method("lora").expected_trainable(base, {"r": 4}, info) > 0
+    assert trial.static.trainable_params == get_method("lora").expected_trainable(base, {"r": 4}, info) > 0
     result = train(trial.model, trial.task, _settings(4, 1e-3), seed=0, device=trial.device, report=lambda r: None)
-    assert 0.0 <= result["eval/exact_match"] <= 1.0
-    assert result["eval/perplexity"] == pytest.approx(torch.tensor(result["eval/loss"]).exp().item(), rel=1e-5)
+    assert 0.0 <= result.metrics["exact_match"] <= 1.0
+    assert result.metrics["perplexity"] == pytest.approx(torch.tensor(result.metrics["loss"]).exp().item(), rel=1e-5)
 
 
 def test_exact_match_counts_greedy_answers(tiny_gpt2_dir):
@@ -199,9 +199,9 @@ def test_a_hugging_face_image_classifier_built_from_a_config(tmp_path, data_dir)
     base, fmt = load_image_classifier(str(tmp_path / "vit"), 2, data_dir)
     assert fmt == InputFormat(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # no processor file: the config's size
     info = TaskInfo("image-classification", 2, ("classifier",))
-    assert trial.static["trainable_params"] == get_method("lora").expected_trainable(base, {"r": 4}, info)
+    assert trial.static.trainable_params == get_method("lora").expected_trainable(base, {"r": 4}, info)
     result = train(trial.model, trial.task, _settings(4, 1e-3), seed=0, device=trial.device, report=lambda r: None)
-    assert {"eval/auroc", "eval/accuracy", "eval/loss"} <= result.keys()
+    assert {"eval/auroc", "eval/accuracy", "eval/loss"} <= result.scores().keys()
 
 
 def test_text_kind_loads_minilm_head(tiny_bert_dir):

@@ -1,26 +1,49 @@
 """Multi-worker trials: a Tune trial drives a Ray Train run whose workers train one DeepSpeed engine.
 
-Every worker builds the same trial (`prepare_trial`) and trains on its slice of every global
-batch, so the data order and batch equal a single-process run's; rank 0 reports and saves.
+Every worker builds the same trial (`prepare_trial`) and runs the shared loop (train.TrialLoop) on
+its slice of every global batch, with DeepSpeed as the stepper; rank 0 reports and saves.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.spec import DeepSpeedSpec
-from peftlab.workers.trial import TrialContext, directory_bytes, prepare_trial
+from peftlab.spec import DeepSpeedSpec, ResourcesSpec, TrainingSpec
+from peftlab.workers.train import LoopSettings, Stepper, TrialLoop, batch_problems, optimizer_and_schedule, split
+from peftlab.workers.trial import TrialContext, adapter_dir_of, prepare_trial
 
 
-def deepspeed_config(spec: DeepSpeedSpec, *, batch_size: int, max_grad_norm: float, world_size: int,
-                     bf16: bool) -> dict[str, Any]:
+def multi_worker_problems(methods: list[str], training: TrainingSpec, resources: ResourcesSpec, *,
+                          quantized: bool = False) -> list[str]:
+    """What a multi-worker (DeepSpeed) trial cannot do, as one-line problems; the spec's validation
+    and each worker at its start ask this one place."""
+    from peftlab.workers.methods import all_methods
+    from peftlab.workers.methods.base import Method
+
+    registry = all_methods()
+    workers, accumulation = resources.workers_per_trial, training.gradient_accumulation_steps
+    problems = batch_problems(training.batch_size, accumulation, workers)
+    if quantized:
+        problems.append("quantization: runs in one-process trials; use workers_per_trial: 1")
+    for name in methods:
+        method = registry.get(name)  # an unknown name is reported by the spec's method check
+        if method is not None and type(method).on_step is not Method.on_step:
+            # Such methods read every parameter's full gradient after each step; ZeRO shards and frees it.
+            problems.append(f"methods.{name}: reshapes itself from gradients during training, which "
+                            "multi-worker (DeepSpeed) trials do not support; use workers_per_trial: 1")
+    return problems
+
+
+def deepspeed_config(spec: DeepSpeedSpec, settings: LoopSettings, *, world_size: int) -> dict[str, Any]:
     """DeepSpeed's config for one trial; batch sizes are bookkeeping, the loop cuts the batches."""
-    per_micro_batch = -(-batch_size // (world_size * spec.gradient_accumulation_steps))
+    per_micro_batch = -(-settings.batch_size // (world_size * settings.accumulation))
     zero: dict[str, Any] = {"stage": spec.zero_stage}
     if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -28,9 +51,11 @@ def deepspeed_config(spec: DeepSpeedSpec, *, batch_size: int, max_grad_norm: flo
         zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": per_micro_batch,
-        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
-        "gradient_clipping": max_grad_norm,
-        "bf16": {"enabled": bf16},
+        "gradient_accumulation_steps": settings.accumulation,
+        "gradient_clipping": settings.max_grad_norm,
+        # DeepSpeed keeps its own low-precision weights (and fp16 loss scale): no autocast on top.
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16"},
         "zero_optimization": zero,
         # The client optimizer is torch's AdamW: DeepSpeed's own CPU Adam would JIT-compile C++.
         "zero_allow_untested_optimizer": True,
@@ -39,13 +64,69 @@ def deepspeed_config(spec: DeepSpeedSpec, *, batch_size: int, max_grad_norm: flo
     }
 
 
-def shard(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
-    """The index-th of `parts` near-equal contiguous slices of a batch (sizes differ by at most one)."""
-    return {k: torch.tensor_split(v, parts)[index] for k, v in batch.items()}
+class DeepSpeedStepper(Stepper):
+    """The loop's stepper for one DeepSpeed worker: the engine does backward, clipping, the
+    optimizer and the schedule (at the last micro-batch of each step); ranks share each batch."""
+
+    def __init__(self, model: nn.Module, settings: LoopSettings, device: torch.device, spec: DeepSpeedSpec,
+                 *, on_gpu: bool) -> None:
+        import deepspeed
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.settings, self.device, self.after_step = settings, device, lambda step: None
+        # Only the trainable (PEFT) parameters reach the optimizer, so ZeRO shards only their state.
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, settings)
+        if not on_gpu:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, about 100 s on two
+            # cores) that only its inference and tensor-parallel layers use; training collectives go
+            # through torch.distributed (gloo). DeepSpeed keeps this probe result for the process.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            config=deepspeed_config(spec, settings, world_size=self.world))
+        self.module = self.engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return split(batch, self.world, self.rank)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.engine(**batch).loss
+
+    def reduce(self, value: torch.Tensor) -> float:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+        return value.item()
+
+    def backward(self, loss: torch.Tensor, share: float) -> None:
+        # DeepSpeed averages gradients over ranks and accumulation steps; this weight makes that
+        # average the global batch's mean gradient even when slices differ in size.
+        self.engine.backward(loss * (share * self.settings.accumulation * self.world))
+        self.engine.step()  # the optimizer (and schedule) steps at the last micro-batch only
+
+    def step(self, step: int) -> None:
+        """Already stepped by the engine at the step's last micro-batch."""
+
+    def save(self, save: Callable[[nn.Module, Path], None], path: Path) -> bool:
+        """Rank 0 saves, from whole parameters under ZeRO-3. Methods save only trainable tensors,
+        so only those are gathered: the frozen backbone never has to fit whole on one rank."""
+        import deepspeed
+
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if self.rank == 0:
+                save(self.module, path)
+        return self.rank == 0
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker of a trial: build the trial, train it with DeepSpeed, report from rank 0."""
+    """One Ray Train worker of a trial: build the trial, run the shared loop with DeepSpeed."""
     context: TrialContext = loop_config["context"]
     spec: DeepSpeedSpec = loop_config["deepspeed"]
     on_gpu = context.gpus > 0
@@ -53,90 +134,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # DeepSpeed picks its accelerator once, at its first import (transformers may import it
         # too), so this comes first; on CPU it trains over gloo.
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
     import ray
     import ray.train
-    import torch.distributed as dist
 
-    from peftlab.workers.methods.base import Method
-    from peftlab.workers.train import Meter, check_finite, is_eval_step, optimizer_and_schedule
-
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    if rank == 0:
+    if ray.train.get_context().get_world_rank() == 0:
         loop_config["worker_groups"].put(ray.util.get_current_placement_group())
+    problems = multi_worker_problems([loop_config["config"]["method"]], context.training, loop_config["resources"],
+                                     quantized=context.quantization is not None)
+    if problems:
+        raise UserError("; ".join(problems))
     trial = prepare_trial(loop_config["config"], context)
-    model, method, task, settings, device = trial.model, trial.method, trial.task, trial.settings, trial.device
-    if type(method).on_step is not Method.on_step:
-        # Such methods read every parameter's full gradient after each step; ZeRO shards and frees it.
-        raise UserError(f"method {method.name} reshapes itself from gradients during training; "
-                        "run it with resources.workers_per_trial: 1")
-    accumulation = spec.gradient_accumulation_steps
-    if settings.batch_size < world * accumulation:
-        raise UserError(f"training.batch_size {settings.batch_size} is below workers_per_trial x "
-                        f"gradient_accumulation_steps ({world} x {accumulation}): a worker would get no examples")
-
-    # Only the trainable (PEFT) parameters reach the optimizer, so ZeRO shards only their state.
-    optimizer, scheduler = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], settings)
-    bf16 = on_gpu if spec.bf16 == "auto" else spec.bf16
-    config = deepspeed_config(spec, batch_size=settings.batch_size, max_grad_norm=settings.max_grad_norm,
-                              world_size=world, bf16=bf16)
-    if not on_gpu:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, about 100 s on two
-        # cores) that only its inference and tensor-parallel layers use; training collectives go
-        # through torch.distributed (gloo). DeepSpeed keeps this probe result for the process.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    module = engine.module
-    batches = task.train_batches(settings.batch_size, trial.seed)
-    static = {**trial.static, "node": ray.get_runtime_context().get_node_id()}
-
-    meter = Meter(device)
-    for step in range(1, settings.max_steps + 1):
-        started = time.perf_counter()
-        batch = next(batches)  # the global batch: every rank draws the same one
-        size = len(batch["labels"])
-        local, step_loss = shard(batch, world, rank), 0.0
-        for i in range(accumulation):
-            micro = {k: v.to(device) for k, v in shard(local, accumulation, i).items()}
-            loss = engine(**micro).loss
-            # This micro-batch's part of the global batch's mean loss, summed over ranks: a sync
-            # point, but then every rank sees a NaN at the same step and all stop together.
-            part = loss.detach().float() * (len(micro["labels"]) / size)
-            dist.all_reduce(part)
-            step_loss += part.item()
-            check_finite(step_loss, step)
-            # DeepSpeed averages gradients over ranks and accumulation steps; this weight makes
-            # that average the global batch's mean gradient even when slices differ in size.
-            engine.backward(loss * (len(micro["labels"]) * accumulation * world / size))
-            engine.step()  # the optimizer (and schedule) steps at the last micro-batch only
-        meter.add(time.perf_counter() - started, size, step_loss)
-
-        if not is_eval_step(step, settings):
-            continue
-        # Every rank evaluates the whole set: under ZeRO-3 each forward gathers parameters
-        # from all ranks, so all must run the same forwards; rank 0's numbers are reported.
-        metrics = task.evaluate(module, settings.eval_batch_size, device)
-        result = meter.report(step, metrics, scheduler.get_last_lr()[0])
-        if step == settings.max_steps:
-            result.update(_finish(module, method, task, device, loop_config["adapter_dir"], rank))
-        ray.train.report({**result, **static})
-
-
-def _finish(module: torch.nn.Module, method, task, device: torch.device, adapter_dir: str, rank: int) -> dict:
-    """Save the adapter once (rank 0, from whole parameters under ZeRO-3), then measure retention."""
-    import deepspeed
-
-    path = Path(adapter_dir)
-    # Methods save only trainable tensors, so only those are gathered: the frozen backbone
-    # never has to fit whole on one rank. Outside ZeRO-3 this gathers nothing.
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-        if rank == 0:
-            method.save(module, path)
-    retention = {f"eval/{k}": v for k, v in task.retention(module, device).items()}
-    if rank != 0:
-        return retention
-    return {**retention, "adapter_bytes": directory_bytes(path), "adapter_path": str(path)}
+    stepper = DeepSpeedStepper(trial.model, trial.settings, trial.device, spec, on_gpu=on_gpu)
+    # Every rank calls report (Ray Train's barrier) and Tune keeps rank 0's; under ZeRO-3 every
+    # rank must also run the same evaluation forwards, as each gathers parameters from all.
+    TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+              report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
+              adapter_dir=Path(loop_config["adapter_dir"]), node=ray.get_runtime_context().get_node_id()).train()
 
 
 _worker_groups = None
@@ -160,7 +173,8 @@ class _RemovesWorkersWhenStopped:
                 remove_placement_group(_worker_groups.get_nowait())
 
 
-def run_distributed_trial(config: dict, context: TrialContext, *, workers: int, deepspeed: DeepSpeedSpec) -> None:
+def run_distributed_trial(config: dict, context: TrialContext, *, resources: ResourcesSpec,
+                          deepspeed: DeepSpeedSpec) -> None:
     """The Tune function trainable of a multi-worker trial: one Ray Train run of `workers` workers,
     whose rank-0 reports reach Tune through `TuneReportCallback`."""
     from ray import train, tune
@@ -175,10 +189,10 @@ def run_distributed_trial(config: dict, context: TrialContext, *, workers: int, 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "config": config, "context": context, "deepspeed": deepspeed, "worker_groups": _worker_groups,
-            "adapter_dir": str(Path(context.adapters_dir) / context.experiment / trial_id),
+            "config": config, "context": context, "deepspeed": deepspeed, "resources": resources,
+            "worker_groups": _worker_groups, "adapter_dir": str(adapter_dir_of(context, trial_id)),
         },
-        scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=context.gpus > 0,
+        scaling_config=train.ScalingConfig(num_workers=resources.workers_per_trial, use_gpu=context.gpus > 0,
                                            resources_per_worker=per_worker),
         run_config=train.RunConfig(
             name=f"train-{trial_id}",  # stable per trial, as Train V2 asks

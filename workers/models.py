@@ -5,7 +5,9 @@ against real module names before anything runs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +15,44 @@ from torch import nn
 from peftlab.errors import UserError
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a pretrained model is loaded: the dtype of its weights and an optional k-bit
+    quantization of the frozen base (a `QuantizationSpec`)."""
+
+    dtype: str = "float32"
+    quantization: Any = None
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `from_pretrained` for these options."""
+        kwargs: dict[str, Any] = {"dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
+        q = self.quantization
+        if q is not None:
+            from transformers import BitsAndBytesConfig
+
+            compute = getattr(torch, q.compute_dtype)
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                                   bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+                if q.bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+            # Quantized weights are made on their device and cannot move afterwards.
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        return kwargs
+
+
+def quantization_problem() -> str | None:
+    """Why bitsandbytes cannot quantize a model on this machine, or None when it can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed here (pip install bitsandbytes)"
+    except Exception as exc:  # a broken native library fails at import with anything
+        return f"bitsandbytes does not load here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if not torch.cuda.is_available():
+        return "bitsandbytes quantization needs a CUDA GPU and torch sees none here"
+    return None
 
 
 def _minilm_path() -> str:
@@ -62,13 +102,13 @@ def meta_classifier(name: str, num_labels: int) -> nn.Module:
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def load_classifier(name: str, num_labels: int) -> tuple[nn.Module, object]:
+def load_classifier(name: str, num_labels: int, options: LoadOptions = LoadOptions()) -> tuple[nn.Module, object]:
     """Pretrained backbone with a freshly initialised classification head, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = resolve_model(name)
     config = load_config(name, num_labels)
-    model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **options.pretrained_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -108,7 +148,8 @@ class LogitsClassifier(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def load_image_classifier(name: str, num_labels: int, data_dir: Path | None, *, meta: bool = False):
+def load_image_classifier(name: str, num_labels: int, data_dir: Path | None, *, meta: bool = False,
+                          options: LoadOptions = LoadOptions()):
     """(model, InputFormat): a CIFAR ResNet alias with its checkpoint, or any Hugging Face
     AutoModelForImageClassification, with a fresh head of `num_labels`."""
     from transformers import AutoModelForImageClassification
@@ -125,15 +166,22 @@ def load_image_classifier(name: str, num_labels: int, data_dir: Path | None, *, 
         if data_dir is None:
             raise UserError(f"model '{name}' needs its checkpoint: set PEFTLAB_DATA_DIR to a folder holding "
                             f"{rc.CHECKPOINT_DIR}/ (origin: {rc.CHECKPOINT_ORIGIN})")
+        if options.quantization is not None:
+            raise UserError(f"model '{name}' is a convolutional network: bitsandbytes quantizes linear layers of "
+                            "Hugging Face models only")
         path = rc.checkpoint_path(depth, data_dir)
-        return LogitsClassifier(rc.resnet_cifar(depth, pretrained_path=path, num_classes=num_labels)), fmt
+        net = rc.resnet_cifar(depth, pretrained_path=path, num_classes=num_labels)
+        if options.dtype != "auto":
+            net = net.to(getattr(torch, options.dtype))
+        return LogitsClassifier(net), fmt
     config = load_config(name, num_labels)
     fmt = _image_format(name, config)
     if meta:
         with torch.device("meta"):
             return AutoModelForImageClassification.from_config(config), fmt
     model = AutoModelForImageClassification.from_pretrained(
-        resolve_model(name), config=config, ignore_mismatched_sizes=True)  # a new head of num_labels
+        resolve_model(name), config=config, ignore_mismatched_sizes=True,  # a new head of num_labels
+        **options.pretrained_kwargs())
     return model, fmt
 
 
@@ -166,7 +214,7 @@ def image_head_modules(model: nn.Module) -> tuple[str, ...]:
     return head_modules(model)
 
 
-def load_causal_lm(name: str, *, meta: bool = False):
+def load_causal_lm(name: str, *, meta: bool = False, options: LoadOptions = LoadOptions()):
     """(model, tokenizer) of a Hugging Face causal LM; the tokenizer pads with EOS if it has no pad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,7 +223,7 @@ def load_causal_lm(name: str, *, meta: bool = False):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config), None
     source = resolve_model(name)
-    model = AutoModelForCausalLM.from_pretrained(source, config=config)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, **options.pretrained_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -12,7 +12,7 @@ WORDS = {1: ["great", "wonderful", "good", "lovely", "superb"], 0: ["awful", "ba
 FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "story", "film"]
 
 
-def save_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
     """A BERT with random weights saved like a Hub model, with MiniLM's tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -21,7 +21,8 @@ def save_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int =
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -60,6 +61,26 @@ def save_tiny_gpt2(path: Path, *, hidden: int = 32, layers: int = 2, seed: int =
                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A Llama-style decoder (RMSNorm, rotary positions, SwiGLU, grouped-query attention) with random
+    weights saved like a Hub model; MiniLM's tokenizer with [SEP] as end of sequence."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -1,18 +1,25 @@
-"""The training loop: AdamW, linear warmup and decay, clipping, periodic evaluation, accounting.
+"""The one training loop of every trial: micro-batches, precision, clipping, finiteness, progress,
+evaluation, save and report, whether the trial is one process or a DeepSpeed worker.
 
-It names no PEFT method: the method has already frozen and injected what it needs, and the
-loop trains whatever requires a gradient. Read it top to bottom.
+It names no PEFT method and no engine: the method has frozen and injected what it needs, and a
+`Stepper` (one process here, DeepSpeed in distributed.py) owns backward, optimizer and schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from peftlab.workers.report import Costs, Outcome, TrialReport
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -29,6 +36,9 @@ class LoopSettings:
     max_grad_norm: float
     lr: float
     weight_decay: float
+    log_every: int = 10
+    precision: str = "fp32"
+    accumulation: int = 1
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -39,14 +49,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, each shared tensor counted once."""
+    """(trainable, all) parameter counts, each shared tensor counted once; a 4-bit weight packs
+    two values per stored element and is counted by its values."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 
@@ -70,6 +82,76 @@ def is_eval_step(step: int, settings: LoopSettings) -> bool:
     return step % settings.eval_every == 0 or step == settings.max_steps
 
 
+def split(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
+    """The index-th of `parts` near-equal contiguous slices of a batch (sizes differ by at most one)."""
+    return {k: torch.tensor_split(v, parts)[index] for k, v in batch.items()}
+
+
+def batch_problems(batch_size: int, accumulation: int, workers: int = 1) -> list[str]:
+    """The loop cuts every batch into workers x accumulation slices; none may be empty."""
+    if batch_size >= workers * accumulation:
+        return []
+    return [f"training.batch_size: {batch_size} is below workers_per_trial x gradient_accumulation_steps "
+            f"({workers} x {accumulation}): a micro-batch would get no examples"]
+
+
+def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+class Stepper:
+    """Backward, optimizer step and schedule of a one-process trial: autocast to the chosen
+    precision, loss scaling for fp16, clipping, then the method's own hook before gradients go."""
+
+    world, rank = 1, 0
+
+    def __init__(self, model: nn.Module, settings: LoopSettings, device: torch.device,
+                 after_step: Callable[[int], None] = lambda step: None) -> None:
+        if not is_quantized(model):
+            model.to(device)
+        self.module, self.settings, self.device, self.after_step = model, settings, device, after_step
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, settings)
+        # fp16's narrow range underflows small gradients; the scaler keeps them representable.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES.get(self.settings.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This process's part of the global batch."""
+        return batch
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**batch).loss
+
+    def reduce(self, value: torch.Tensor) -> float:
+        """The sum of `value` over all processes of the trial."""
+        return value.item()
+
+    def backward(self, loss: torch.Tensor, share: float) -> None:
+        """Accumulate the gradient of a micro-batch that holds `share` of the global batch."""
+        self.scaler.scale(loss * share).backward()
+
+    def step(self, step: int) -> None:
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.after_step(step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, save: Callable[[nn.Module, Path], None], path: Path) -> bool:
+        """Save the adapter; True where this process wrote it."""
+        save(self.module, path)
+        return True
+
+
 @dataclass
 class Meter:
     """Optimizer-step time and examples so far, train loss since the last report."""
@@ -85,66 +167,108 @@ class Meter:
         self.examples += examples
         self.loss_sum, self.loss_count = self.loss_sum + loss_value, self.loss_count + 1
 
-    def report(self, step: int, metrics: dict[str, float], lr: float) -> dict:
-        """One evaluation's report; the train loss restarts from here."""
-        result = {
-            "step": step,
-            "train/loss": self.loss_sum / self.loss_count,
-            **{f"eval/{k}": v for k, v in metrics.items()},
-            "train_seconds": self.train_seconds,
-            "samples_per_second": self.examples / self.train_seconds if self.train_seconds else 0.0,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "lr": lr,
-        }
+    def costs(self, static: Costs) -> Costs:
+        return replace(static, train_seconds=self.train_seconds,
+                       samples_per_second=self.examples / self.train_seconds if self.train_seconds else 0.0,
+                       peak_memory_bytes=peak_memory_bytes(self.device))
+
+    def take_loss(self) -> float | None:
+        """Mean train loss since the last call."""
+        if not self.loss_count:
+            return None
+        mean = self.loss_sum / self.loss_count
         self.loss_sum, self.loss_count = 0.0, 0
-        return result
+        return mean
 
 
-def train(
-    model: nn.Module,
-    task,
-    settings: LoopSettings,
-    *,
-    seed: int,
-    device: torch.device,
-    report: Callable[[dict], None],
-    after_step: Callable[[int], None] = lambda step: None,
-    on_last_step: Callable[[], dict] = dict,
-) -> dict:
-    """Train for `settings.max_steps`, calling `report` after each evaluation.
+@dataclass
+class TrialLoop:
+    """What one trial trains and where it reports; `train` runs it."""
 
-    Every report carries the step, train loss (mean since the last report), eval metrics and
-    the costs so far. `after_step` runs after each optimizer step while gradients still exist
-    (the method's own hook). `on_last_step` runs after the final evaluation (saving the
-    adapter) and its dict joins the final report. Returns that final report.
-    """
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule(params, settings)
-    batches = task.train_batches(settings.batch_size, seed)
+    task: object
+    """The Task: train_batches, evaluate, retention."""
+    settings: LoopSettings
+    stepper: Stepper
+    seed: int
+    static: Costs
+    """Parameter counts, known before training."""
+    report: Callable[[TrialReport], None]
+    save: Callable[[nn.Module, Path], None] | None
+    """The method's save; None saves nothing."""
+    adapter_dir: Path | None
+    node: str | None = None
 
-    meter = Meter(device)
-    result: dict = {}
-    for step in range(1, settings.max_steps + 1):
-        started = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = model(**batch).loss
-        # .item() is a device sync point, but the finiteness check needs it every step.
-        loss_value = loss.item()
-        check_finite(loss_value, step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        after_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        meter.add(time.perf_counter() - started, len(batch["labels"]), loss_value)
+    def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None, **extra) -> TrialReport:
+        costs = replace(meter.costs(self.static), adapter_bytes=adapter_bytes)
+        record = TrialReport(step=step, max_steps=self.settings.max_steps, costs=costs,
+                             train_loss=meter.take_loss(), lr=self.stepper.lr(), node=self.node, **extra)
+        self.report(record)
+        return record
 
-        if not is_eval_step(step, settings):
-            continue
-        metrics = task.evaluate(model, settings.eval_batch_size, device)
-        result = meter.report(step, metrics, scheduler.get_last_lr()[0])
-        if step == settings.max_steps:
-            result.update(on_last_step())
-        report(result)
-    return result
+    def _evaluate(self) -> dict[str, float]:
+        with self.stepper.autocast():
+            return self.task.evaluate(self.stepper.module, self.settings.eval_batch_size, self.stepper.device)
+
+    def _finish(self, metrics: dict[str, float]) -> dict:
+        """Save the adapter, then measure retention against the untouched model."""
+        wrote = self.save is not None and self.stepper.save(self.save, self.adapter_dir)
+        # At full precision, as the untouched model's reference was taken.
+        retention = self.task.retention(self.stepper.module, self.stepper.device)
+        extra: dict = {"metrics": {**metrics, **retention}, "outcome": Outcome.COMPLETED}
+        if wrote:
+            extra.update(adapter_path=str(self.adapter_dir), adapter_bytes=directory_bytes(self.adapter_dir))
+        return extra
+
+    def train(self) -> TrialReport:
+        """Train for max_steps; report progress every log_every steps and metrics at each evaluation;
+        the last report, after saving, carries the outcome. Returns that last report."""
+        settings, stepper = self.settings, self.stepper
+        stepper.module.train()
+        batches: Iterator = self.task.train_batches(settings.batch_size, self.seed)
+        meter = Meter(stepper.device)
+        record = None
+        for step in range(1, settings.max_steps + 1):
+            started = time.perf_counter()
+            batch = next(batches)  # the global batch: every process draws the same one
+            size, local = batch_size_of(batch), stepper.local(batch)
+            step_loss = 0.0
+            for i in range(settings.accumulation):
+                micro = {k: v.to(stepper.device) for k, v in split(local, settings.accumulation, i).items()}
+                share = batch_size_of(micro) / size
+                with stepper.autocast():
+                    loss = stepper.forward(micro)
+                # A sync point every micro-batch, but then every process sees a NaN at the same
+                # step and all stop together.
+                step_loss += stepper.reduce(loss.detach().float() * share)
+                check_finite(step_loss, step)
+                stepper.backward(loss, share)
+            stepper.step(step)
+            meter.add(time.perf_counter() - started, size, step_loss)
+
+            if is_eval_step(step, settings):
+                metrics = self._evaluate()
+                extra = self._finish(metrics) if step == settings.max_steps else {"metrics": metrics}
+                record = self._report(meter, step, **extra)
+            elif step % settings.log_every == 0:
+                record = self._report(meter, step)
+        return record
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """A bitsandbytes-quantized model is placed on its device at load and cannot be moved."""
+    return any(getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)
+               for m in model.modules())
+
+
+def train(model: nn.Module, task, settings: LoopSettings, *, seed: int, device: torch.device,
+          report: Callable[[TrialReport], None] = lambda record: None,
+          after_step: Callable[[int], None] = lambda step: None) -> TrialReport:
+    """The loop in one process without Ray and without saving (tests, benchmarks, notebooks)."""
+    trainable, total = count_parameters(model)
+    stepper = Stepper(model, settings, device, after_step=after_step)
+    return TrialLoop(task=task, settings=settings, stepper=stepper, seed=seed, static=Costs(trainable, total),
+                     report=report, save=None, adapter_dir=None).train()

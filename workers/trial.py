@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.report import Costs
+from peftlab.spec import QuantizationSpec, TaskSpec, TrainingSpec
 
 SEED_INDEX = "__trial_index__"  # set by Tune's Repeater on each repeat of an Optuna config
 
@@ -29,6 +30,8 @@ class TrialContext:
     data_dir: str | None
     cpus: float
     gpus: float
+    model_dtype: str = "float32"
+    quantization: QuantizationSpec | None = None
 
 
 def seed_of(config: dict, seeds: list[int]) -> int:
@@ -41,8 +44,13 @@ def hparams_of(config: dict) -> dict[str, Any]:
     return dict(config.get(config["method"], {}))
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass. The non-reentrant variant needs no
+    input that requires a gradient, so it works with a frozen embedding, and it replays dropout's
+    random state, so gradients equal those without it."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False  # a key/value cache is for generation, and conflicts with recompute
 
 
 @dataclass
@@ -56,7 +64,7 @@ class PreparedTrial:
     task: Any
     settings: Any
     device: torch.device
-    static: dict[str, Any]
+    static: Costs
     """Counts known before training, reported with every result."""
 
 
@@ -65,6 +73,7 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     import numpy as np
 
     from peftlab.workers.methods import TaskInfo, get_method
+    from peftlab.workers.models import LoadOptions
     from peftlab.workers.tasks import task_kind
     from peftlab.workers.train import LoopSettings, count_parameters
 
@@ -80,45 +89,53 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     spec, kind = context.task, task_kind(context.task.type)
     data_dir = Path(context.data_dir) if context.data_dir else None
     data = kind.load_data(spec, data_dir)
-    model, processor = kind.load_model(context.model, data, data_dir)
+    training = context.training
+    model, processor = kind.load_model(context.model, data, data_dir,
+                                       LoadOptions(context.model_dtype, context.quantization))
     head = kind.head_modules(model)
     _, total_params = count_parameters(model)
-    task = kind.build_task(data, processor, head, spec, context.training, data_dir)
+    task = kind.build_task(data, processor, head, spec, training, data_dir)
     task.remember(model, device)
+    if context.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantized base, keeps norms in fp32 and lets gradients reach the adapters.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head))
     trainable_params, _ = count_parameters(model)
 
-    training = context.training
     settings = LoopSettings(
         max_steps=training.max_steps, batch_size=training.batch_size,
         eval_batch_size=training.eval_batch_size, eval_every=training.eval_every,
         warmup_ratio=training.warmup_ratio, max_grad_norm=training.max_grad_norm,
         lr=hparams.get("lr", method.default_lr), weight_decay=hparams.get("weight_decay", 0.0),
+        log_every=training.log_every, precision=training.precision,
+        accumulation=training.gradient_accumulation_steps,
     )
-    static = {
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "trainable_pct": 100.0 * trainable_params / total_params,
-    }
+    static = Costs(trainable_params=trainable_params, total_params=total_params)
     return PreparedTrial(method, hparams, seed, model, task, settings, device, static)
 
 
+def adapter_dir_of(context: TrialContext, trial_id: str) -> Path:
+    return Path(context.adapters_dir) / context.experiment / trial_id
+
+
 def run_trial(config: dict, context: TrialContext) -> None:
+    """The Tune function trainable of a one-process trial."""
     import ray
     from ray import tune
 
-    from peftlab.workers.train import train
+    from peftlab.workers.train import Stepper, TrialLoop
 
     trial = prepare_trial(config, context)
-    model, method, device = trial.model, trial.method, trial.device
-    adapter_dir = Path(context.adapters_dir) / context.experiment / tune.get_context().get_trial_id()
-
-    def finish() -> dict:
-        method.save(model, adapter_dir)
-        retention = {f"eval/{k}": v for k, v in trial.task.retention(model, device).items()}
-        return {**retention, "adapter_bytes": directory_bytes(adapter_dir), "adapter_path": str(adapter_dir)}
-
-    static = {**trial.static, "node": ray.get_runtime_context().get_node_id()}
-    train(model, trial.task, trial.settings, seed=trial.seed, device=device,
-          report=lambda result: tune.report({**result, **static}),
-          after_step=lambda step: method.on_step(model, step, trial.settings.max_steps), on_last_step=finish)
+    model, method = trial.model, trial.method
+    stepper = Stepper(model, trial.settings, trial.device,
+                      after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
+    TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+              report=lambda record: tune.report(record.to_result()), save=method.save,
+              adapter_dir=adapter_dir_of(context, tune.get_context().get_trial_id()),
+              node=ray.get_runtime_context().get_node_id()).train()

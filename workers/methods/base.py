@@ -119,6 +119,8 @@ class Method(ABC):
     hparams: ClassVar[tuple[HParam, ...]] = ()
     """Method-specific only; all_hparams() adds OPTIMIZER_HPARAMS."""
     task_types: ClassVar[tuple[str, ...]] = ("text-classification",)
+    quantizable: ClassVar[bool] = False
+    """Trains on a k-bit quantized frozen base (QLoRA): its adapters wrap bitsandbytes layers."""
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod

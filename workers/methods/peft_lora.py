@@ -26,6 +26,7 @@ class Lora(PeftMethod):
     identity_at_init = True
     default_lr = 5e-4
     use_dora: ClassVar[bool] = False
+    quantizable = True  # peft wraps bitsandbytes' Linear4bit / Linear8bitLt with LoRA and DoRA
     task_types = ("text-classification", "image-classification", "causal-lm")
     layer_types = (nn.Linear, nn.Conv2d, Conv1D)
     hparams = (

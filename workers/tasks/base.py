@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.models import LoadOptions
 
 
 class Task(ABC):
@@ -44,8 +45,10 @@ class TaskKind(ABC):
         """The task's data (raises UserError, one line, for a bad source); has `num_labels`."""
 
     @abstractmethod
-    def load_model(self, model: str, data: Any, data_dir: Path | None) -> tuple[nn.Module, Any]:
-        """The pretrained model with a fresh head for the data, and its processor (tokenizer...)."""
+    def load_model(self, model: str, data: Any, data_dir: Path | None,
+                   options: LoadOptions = LoadOptions()) -> tuple[nn.Module, Any]:
+        """The pretrained model with a fresh head for the data, and its processor (tokenizer...),
+        its weights in the dtype (and quantization) `options` ask for."""
 
     @abstractmethod
     def meta_model(self, model: str, data: Any, data_dir: Path | None) -> nn.Module:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.models import LoadOptions
 from peftlab.workers.data import InstructionData, load_instruction_data, load_texts
 from peftlab.workers.tasks.base import Task, TaskKind
 
@@ -160,10 +161,10 @@ class CausalLmKind(TaskKind):
             eval_fraction=spec.eval_fraction,
         )
 
-    def load_model(self, model: str, data: InstructionData, data_dir: Path | None):
+    def load_model(self, model: str, data: InstructionData, data_dir: Path | None, options: LoadOptions = LoadOptions()):
         from peftlab.workers.models import load_causal_lm
 
-        return load_causal_lm(model)
+        return load_causal_lm(model, options=options)
 
     def meta_model(self, model: str, data: InstructionData, data_dir: Path | None) -> nn.Module:
         from peftlab.workers.models import load_causal_lm

@@ -12,6 +12,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.models import LoadOptions
 from peftlab.workers.image_data import ImageClassificationData, load_image_classification
 from peftlab.workers.tasks.base import DriftTask, TaskKind
 from peftlab.workers.tasks.text_classification import macro_f1
@@ -115,10 +116,11 @@ class ImageClassificationKind(TaskKind):
         return load_image_classification(spec.dataset, data_dir=data_dir, max_train_samples=spec.max_train_samples,
                                          max_eval_samples=spec.max_eval_samples)
 
-    def load_model(self, model: str, data: ImageClassificationData, data_dir: Path | None):
+    def load_model(self, model: str, data: ImageClassificationData, data_dir: Path | None,
+                   options: LoadOptions = LoadOptions()):
         from peftlab.workers.models import load_image_classifier
 
-        return load_image_classifier(model, data.num_labels, data_dir)
+        return load_image_classifier(model, data.num_labels, data_dir, options=options)
 
     def meta_model(self, model: str, data: ImageClassificationData, data_dir: Path | None) -> nn.Module:
         from peftlab.workers.models import load_image_classifier

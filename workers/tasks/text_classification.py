@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
+from peftlab.workers.models import LoadOptions
 from peftlab.workers.data import TextClassificationData, load_text_classification
 from peftlab.workers.tasks.base import DriftTask, TaskKind
 
@@ -113,10 +114,11 @@ class TextClassificationKind(TaskKind):
             eval_fraction=spec.eval_fraction, data_dir=data_dir,
         )
 
-    def load_model(self, model: str, data: TextClassificationData, data_dir: Path | None):
+    def load_model(self, model: str, data: TextClassificationData, data_dir: Path | None,
+                   options: LoadOptions = LoadOptions()):
         from peftlab.workers.models import load_classifier
 
-        return load_classifier(model, data.num_labels)
+        return load_classifier(model, data.num_labels, options)
 
     def meta_model(self, model: str, data: TextClassificationData, data_dir: Path | None) -> nn.Module:
         from peftlab.workers.models import meta_classifier

@@ -1,0 +1,196 @@
+"""The one training loop: gradient accumulation, bf16 autocast, gradient checkpointing and the typed
+record a trial reports, on tiny BERT and Llama-style models built from configs (CPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.spec import parse_spec
+from peftlab.workers.report import Costs, Outcome, TrialReport
+from peftlab.workers.train import Stepper, TrialLoop
+from peftlab.workers.trial import TrialContext, prepare_trial
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def bert_without_dropout(tmp_path_factory) -> Path:
+    """Without dropout a trial is a function of its seed and data order only: the same batch cut
+    into micro-batches must then give the same gradients."""
+    from peftlab.workers.synthetic import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from peftlab.workers.synthetic import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def prepared(model: Path, data: Path, training: dict, *, task: dict | None = None, method: str = "lora",
+             hparams: dict | None = None, **spec_keys):
+    spec = parse_spec({"name": "loop", "model": str(model),
+                       "tasks": [{"dataset": str(data), "max_eval_samples": 32, "retention": False, **(task or {})}],
+                       "methods": {method: {}},
+                       "training": {"eval_every": 1000, "log_every": 1, "seeds": [0], **training}, **spec_keys})
+    context = TrialContext(experiment="loop", model=str(model), task=spec.tasks[0], training=spec.training,
+                           adapters_dir="/nonexistent", data_dir=None, cpus=1, gpus=0, model_dtype=spec.model_dtype)
+    return prepare_trial({"method": method, method: hparams or {"r": 4, "dropout": 0.0}, "seed": 0}, context)
+
+
+def run(trial) -> list[TrialReport]:
+    records: list[TrialReport] = []
+    stepper = Stepper(trial.model, trial.settings, trial.device)
+    TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+              report=records.append, save=None, adapter_dir=None).train()
+    return records
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_accumulating_micro_batches_equals_one_batch(bert_without_dropout, sentiment_csv):
+    one = prepared(bert_without_dropout, sentiment_csv, {"max_steps": 12, "batch_size": 16})
+    four = prepared(bert_without_dropout, sentiment_csv,
+                    {"max_steps": 12, "batch_size": 16, "gradient_accumulation_steps": 4})
+    assert four.settings.accumulation == 4
+    losses_one = [r.train_loss for r in run(one)]
+    losses_four = [r.train_loss for r in run(four)]
+    assert len(losses_one) == 12
+    assert losses_four == pytest.approx(losses_one, abs=1e-5)
+    assert losses_one[-1] < losses_one[0]  # it trains
+    a, b = trainable(one.model), trainable(four.model)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a) < 1e-4
+
+
+def test_bf16_autocast_trains_on_cpu_and_tracks_fp32(tiny_bert_dir, sentiment_csv):
+    # Full fine-tuning learns this random tiny BERT's task within 60 steps (the loss falls after 35).
+    fp32 = prepared(tiny_bert_dir, sentiment_csv, {"max_steps": 60, "batch_size": 16}, method="full",
+                    hparams={"lr": 3e-3})
+    bf16 = prepared(tiny_bert_dir, sentiment_csv, {"max_steps": 60, "batch_size": 16, "precision": "bf16"},
+                    method="full", hparams={"lr": 3e-3})
+    seen: set[torch.dtype] = set()
+    query = next(m for n, m in bf16.model.named_modules() if n.endswith("attention.self.query"))
+    query.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    losses_bf16 = [r.train_loss for r in run(bf16)]
+    losses_fp32 = [r.train_loss for r in run(fp32)]
+    assert seen == {torch.bfloat16}  # the matmuls really ran in bf16
+    assert all(p.dtype == torch.float32 for p in trainable(bf16.model).values())  # the weights did not
+    def late(losses):
+        return sum(losses[-5:]) / 5
+
+    assert late(losses_bf16) < losses_bf16[0] - 0.3, losses_bf16
+    assert losses_bf16 == pytest.approx(losses_fp32, abs=0.03)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, tiny_bert_dir, tiny_llama_dir, sentiment_csv,
+                                                         instructions_jsonl):
+    model, data, task = ((tiny_bert_dir, sentiment_csv, {}) if family == "bert" else
+                         (tiny_llama_dir, instructions_jsonl, {"type": "causal-lm"}))
+    gradients, forwards = [], []
+    for checkpointing in (False, True):
+        trial = prepared(model, data, {"max_steps": 1, "batch_size": 8, "gradient_checkpointing": checkpointing},
+                         task=task)
+        block = next(m for n, m in trial.model.named_modules() if n.endswith(("layers.0", "layer.0")))
+        calls = []
+        inner = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        inner.register_forward_hook(lambda module, args, out: calls.append(1))
+        batch = next(trial.task.train_batches(8, 0))
+        trial.model.train()
+        torch.manual_seed(0)  # the same dropout masks, replayed by the recompute
+        trial.model(**batch).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in trial.model.named_parameters() if p.requires_grad})
+        forwards.append(len(calls))
+    assert forwards == [1, 2]  # with checkpointing the block's layers ran again in the backward pass
+    without, with_ = gradients
+    assert without.keys() == with_.keys() and len(without) > 0
+    for name in without:
+        torch.testing.assert_close(with_[name], without[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_model_dtype_loads_weights_in_that_dtype(tiny_bert_dir, sentiment_csv):
+    trial = prepared(tiny_bert_dir, sentiment_csv, {"max_steps": 2, "batch_size": 8}, model_dtype="bfloat16")
+    frozen = {p.dtype for p in trial.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    records = run(trial)
+    assert records[-1].outcome is Outcome.COMPLETED and all(r.train_loss is not None for r in records)
+
+
+def test_the_record_survives_a_tune_result_and_says_how_the_trial_ended(tiny_bert_dir, sentiment_csv):
+    trial = prepared(tiny_bert_dir, sentiment_csv, {"max_steps": 6, "batch_size": 8, "eval_every": 3, "log_every": 2})
+    records = run(trial)
+    assert [(r.step, r.is_evaluation, r.outcome) for r in records] == [
+        (2, False, None), (3, True, None), (4, False, None), (6, True, Outcome.COMPLETED)]
+    last = records[-1]
+    result = last.to_result()
+    assert result["step"] == 6 and result["eval/accuracy"] == last.metrics["accuracy"]
+    again = TrialReport.from_result(result)
+    assert again == last and isinstance(again.costs, Costs) and again.outcome is Outcome.COMPLETED
+    assert again.costs.trainable_params == trial.static.trainable_params > 0
+    assert again.costs.samples_per_second > 0 and again.costs.peak_memory_bytes > 0
+    assert TrialReport.from_result({"step": 3, "eval/accuracy": 0.5}) is None  # not a trial's record
+    progress = records[0]
+    assert progress.metrics == {} and "eval/accuracy" not in progress.to_result()
+    assert progress.curve() == {"train/loss": progress.train_loss}
+
+
+def test_live_display_shows_each_running_trial_and_its_clock_ticks(tiny_bert_dir, sentiment_csv):
+    import time
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from peftlab.progress import SweepProgress
+    from peftlab.search import plan
+
+    spec = parse_spec({"name": "show", "model": str(tiny_bert_dir), "tasks": [{"dataset": str(sentiment_csv)}],
+                       "methods": {"lora": {"r": 4}}, "search": {"num_samples": 2}})
+    progress = SweepProgress(plan(spec)[0])
+    trial = SimpleNamespace(trial_id="t1", config={"method": "lora", "lora": {"r": 4}})  # what Tune hands callbacks
+    progress._live = SimpleNamespace(refresh=lambda: None)  # no terminal in a test
+    progress.on_trial_start(0, [], trial)
+    evaluation = TrialReport(step=50, max_steps=300, costs=Costs(10, 100, samples_per_second=42.5), train_loss=0.5,
+                             metrics={"accuracy": 0.75})
+    progress.on_trial_result(0, [], trial, evaluation.to_result())
+    later = TrialReport(step=60, max_steps=300, costs=Costs(10, 100, samples_per_second=40.0), train_loss=0.4)
+    progress.on_trial_result(0, [], trial, later.to_result())
+
+    def screen() -> str:
+        console = Console(width=160, record=True)
+        console.print(progress._render())
+        return console.export_text()
+
+    shown = screen()
+    assert "lora r=4" in shown and "60/300" in shown and "40.0" in shown and "0.4000" in shown
+    assert "0.7500 at 50" in shown  # the last evaluation stays on screen between evaluations
+    assert "0.7500  lora" in shown  # best so far
+    progress.started = time.monotonic() - 7
+    assert "7s" in screen()  # every re-draw reads the clock, with no new report
+    # The terminal display asks for a fresh drawing at each refresh (once a second).
+    fresh = SweepProgress(plan(spec)[0])
+    fresh.started = time.monotonic() - 3
+    console = Console(width=160, record=True)
+    console.print(fresh.live.get_renderable())
+    assert "3s" in console.export_text() and fresh.live.refresh_per_second == 1
+
+
+def test_gpu_benchmark_script_runs_shrunk_on_the_cpu():
+    """benchmarks/gpu.py is meant for a GPU host; its --tiny mode checks every setting's code path here."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--steps", "1", "--warmup", "0"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
+    for name in ("lora fp32", "lora bf16", "lora bf16 + grad. checkpointing", "full fine-tuning bf16"):
+        assert name in lines and "skipped" not in lines[name], done.stdout
+    assert "skipped: needs a CUDA GPU" in lines["qlora 4-bit nf4 + grad. checkpointing"]

@@ -1,0 +1,86 @@
+"""The record a trial sends the driver at each report: step, train loss, evaluation metrics, costs,
+and, on its last report only, its outcome and where its adapter is. One typed shape for both paths."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+RECORD_KEY = "peftlab"
+"""Where the record travels inside a Ray Tune result; the metrics the scheduler and the search
+algorithm read are also copied to the top level, under their `eval/<name>` keys."""
+
+
+class Outcome(str, Enum):
+    COMPLETED = "completed"
+    """The trial trained all its steps, evaluated and saved its adapter."""
+
+
+@dataclass
+class Costs:
+    """What a trial spent so far (counts are known before training)."""
+
+    trainable_params: int
+    total_params: int
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    peak_memory_bytes: int = 0
+    adapter_bytes: int | None = None
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+
+@dataclass
+class TrialReport:
+    """One report of a running trial.
+
+    A progress report (every `log_every` steps) has a train loss and no metrics; an evaluation
+    report has metrics; the final report also has the outcome and the adapter's location.
+    """
+
+    step: int
+    max_steps: int
+    costs: Costs
+    train_loss: float | None = None
+    """Mean train loss over the steps since the previous report."""
+    lr: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Evaluation metrics by name (accuracy, loss, drift...), without a split prefix."""
+    outcome: Outcome | None = None
+    adapter_path: str | None = None
+    node: str | None = None
+
+    @property
+    def is_evaluation(self) -> bool:
+        return bool(self.metrics)
+
+    def scores(self) -> dict[str, float]:
+        """The metrics under the names a spec's `search.metric` uses (eval/accuracy, ...)."""
+        return {f"eval/{k}": v for k, v in self.metrics.items()}
+
+    def curve(self) -> dict[str, float]:
+        """The points this report adds to the trial's metric curves."""
+        points = dict(self.scores())
+        if self.train_loss is not None and math.isfinite(self.train_loss):
+            points["train/loss"] = self.train_loss
+        return points
+
+    def to_result(self) -> dict[str, Any]:
+        """The Ray Tune result: `step` and the scores where schedulers look, the record beside them."""
+        record = asdict(self)
+        record["outcome"] = self.outcome.value if self.outcome else None
+        return {"step": self.step, **self.scores(), RECORD_KEY: record}
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> TrialReport | None:
+        """The record inside a Tune result; None for a result that carries none (Tune's own)."""
+        record = (result or {}).get(RECORD_KEY)
+        if not isinstance(record, dict):
+            return None
+        record = dict(record)
+        record["costs"] = Costs(**record["costs"])
+        record["outcome"] = Outcome(record["outcome"]) if record.get("outcome") else None
+        return cls(**record)
