@@ -151,9 +151,10 @@ def _finish(sweep, name: str, store: str | None) -> None:
 def _open_store(url: str | None):
     from peftlab.store import ResultsStore
 
+    from peftlab.locations import require_store
+
     url = settings.store_url(url)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise UserError(f"no results store at {url}: run a sweep first (peftlab run SPEC)")
+    require_store(url)
     return ResultsStore(url)  # an older store is brought to the current schema, as `run` does
 
 

@@ -20,8 +20,10 @@ from rich.console import Console
 from peftlab import settings
 from peftlab.budget import BudgetFit
 from peftlab.errors import SpecError, UserError
+from peftlab.locations import check_store_url, check_tracking_uri, require_store
 from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan, seed_plan
 from peftlab.spec import ExperimentSpec, method_spaces
+from peftlab.state import SEARCH, SEEDS, check_owned, claim, state_path
 from peftlab.store import ExperimentStatus, LeaderboardRow, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 
@@ -214,13 +216,10 @@ def run_params(spec: ExperimentSpec) -> dict[str, object]:
     return params
 
 
-SEARCH, SEEDS = "search", "seeds"
-"""The two phases of a task: the search, then (with `seeds`) re-runs of each method's best."""
-
-
-def experiment_path(spec: ExperimentSpec, task_plan: TaskPlan, phase: str = SEARCH) -> Path:
-    suffix = "" if phase == SEARCH else f".{phase}"
-    return settings.ray_storage() / f"{spec.name}.{task_plan.task.label}{suffix}"
+def existing_state(spec: ExperimentSpec) -> list[tuple[Path, str, str]]:
+    """(folder, task label, phase) of this experiment's Tune state folders that exist on disk."""
+    return [(path, task.label, phase) for task in spec.tasks for phase in (SEARCH, SEEDS)
+            if (path := state_path(spec.name, task.label, phase)).exists()]
 
 
 def best_configs(store: ResultsStore, spec: ExperimentSpec, task_plan: TaskPlan) -> tuple[dict[str, dict], set]:
@@ -281,8 +280,10 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
     from peftlab.recorder import Recorder, bind
 
     bind(spec.name, store, tracker)
-    path = experiment_path(spec, task_plan, phase)
+    label = task_plan.task.label
+    path = state_path(spec.name, label, phase)
     if tune.Tuner.can_restore(path):
+        check_owned(path, spec.name, spec.spec_hash(), label, phase)
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
         tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
@@ -290,6 +291,7 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,
                             run_params=run_params(spec))
+        claim(path, spec.name, spec.spec_hash(), label, phase)
         concurrent = _max_concurrent(spec)
         what = (f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler" if phase == SEARCH
                 else "the best configuration of each method with more seeds")
@@ -334,7 +336,17 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     if not address and not ray.is_initialized():
         check_resources(spec, local_resources(), "this machine", source)  # before a local Ray starts
     store_url, tracking_uri = settings.store_url(store_url), settings.tracking_uri(tracking_uri)
+    check_store_url(store_url)
+    check_tracking_uri(tracking_uri)
     store = ResultsStore(store_url)
+    state = existing_state(spec)
+    if state and not resume and store.get_experiment(spec.name) is None:
+        # The state is from a run this store never saw: restoring it would record nothing.
+        raise UserError(f"Tune state of experiment {spec.name!r} exists at {state[0][0]} but the store at {store_url} "
+                        f"holds no such experiment: remove {settings.ray_storage()}/{spec.name}.* to start afresh, "
+                        f"or use the store that has it and `peftlab resume {spec.name}`")
+    for path, label, phase in state:
+        check_owned(path, spec.name, spec.spec_hash(), label, phase)
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Trials report progress between evaluations, without the metric; ASHA and the searchers
@@ -389,6 +401,7 @@ def resume_sweep(name: str, *, address: str | None = None, store_url: str | None
     """Continue an interrupted sweep from the spec recorded in the store and Tune's saved state."""
     from peftlab.spec import parse_spec
 
+    require_store(settings.store_url(store_url))
     record = ResultsStore(settings.store_url(store_url)).get_experiment(name)
     if record is None:
         raise UserError(f"no experiment named '{name}' in {settings.store_url(store_url)}")

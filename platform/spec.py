@@ -26,6 +26,12 @@ TASK_METRICS = {
 }
 """What each task type reports under eval/ (auroc only for two classes, exact_match only when asked)."""
 MINIMISED = ("loss", "perplexity")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+MAX_TRIALS = 10_000
+"""The most trials one task's plan may hold (the search, then the seed re-runs): more is a typo,
+and a plan is built in memory."""
+MAX_SEEDS = 1000
+"""Experiment and task names: they name MLflow experiments, store rows and state folders."""
 
 
 class _Strict(BaseModel):
@@ -44,8 +50,8 @@ class TaskSpec(_Strict):
     """This task's model; defaults to the experiment's `model`, else the task type's default."""
     methods: Annotated[list[str], Field(min_length=1)] | None = None
     """The experiment's methods to run on this task (default: all of them)."""
-    name: str | None = None
-    """Name of the task in results; defaults to the dataset's name."""
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    """Name of the task in results (letters, digits, '-', '_', '.'); defaults to the dataset's name."""
     domain: str | None = None
     """Domain tag such as nlp/sentiment; registry datasets bring their own."""
     metric: Literal["accuracy", "macro_f1", "auroc", "loss", "perplexity", "exact_match"] | None = None
@@ -61,7 +67,7 @@ class TaskSpec(_Strict):
     """causal-lm: column holding the answer the model learns to produce."""
     exact_match: bool = False
     """causal-lm: also generate greedy answers for the eval prompts and report eval/exact_match."""
-    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
     """causal-lm: tokens generated per answer for exact match."""
     reference: str | None = None
     """causal-lm: texts (registry name or file; its `text_column`) whose loss before vs after tuning
@@ -69,7 +75,7 @@ class TaskSpec(_Strict):
     retention: bool = True
     """Report eval/drift (classification: 1 - cosine similarity of representations to the base
     model's) or eval/forgetting (causal-lm) at the end of each trial."""
-    retention_samples: Annotated[int, Field(ge=1)] = 256
+    retention_samples: Annotated[int, Field(ge=1, le=100_000)] = 256
     """Reference examples used for drift / forgetting."""
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many training examples (a seeded, deterministic subset)."""
@@ -88,7 +94,7 @@ class SearchSpec(_Strict):
 
     algorithm: Literal["random", "grid", "optuna"] = "random"
     """random: balanced over methods; grid: every combination of list values; optuna: TPE."""
-    num_samples: Annotated[int, Field(ge=1)] | None = None
+    num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
     """Configurations per task (random, optuna; default 4) or repetitions of the grid (grid; default 1)."""
     scheduler: Literal["fifo", "asha"] = "asha"
     """fifo runs every trial to the end; asha stops the weak ones at evaluations."""
@@ -120,11 +126,11 @@ class SearchSpec(_Strict):
 class TrainingSpec(_Strict):
     """The training loop's settings, shared by every trial."""
 
-    max_steps: Annotated[int, Field(ge=1)] = 300
+    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] = 300
     """Optimizer steps per trial."""
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     """Training examples per step."""
-    eval_batch_size: Annotated[int, Field(ge=1)] = 128
+    eval_batch_size: Annotated[int, Field(ge=1, le=65_536)] = 128
     """Examples per evaluation forward pass."""
     eval_every: Annotated[int, Field(ge=1)] = 50
     """Evaluate (and report to the scheduler) every this many steps, and at the end."""
@@ -134,14 +140,14 @@ class TrainingSpec(_Strict):
     """Gradient clipping norm."""
     max_length: Annotated[int, Field(ge=8)] = 128
     """Tokens per example after truncation."""
-    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    seeds: Annotated[list[int], Field(min_length=1, max_length=MAX_SEEDS)] = [0]
     """Every sampled configuration runs once per seed."""
     log_every: Annotated[int, Field(ge=1)] = 10
     """Report the train loss and throughput every this many steps (between evaluations too)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision: fp32, or autocast to bf16 (GPU and CPU) or fp16 (GPU only, with loss
     scaling); weights and optimizer state stay in the dtype the model was loaded in."""
-    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65_536)] = 1
     """Micro-batches per optimizer step: each `batch_size` batch is cut into this many (less
     activation memory, the same batch and data order)."""
     gradient_checkpointing: bool = False
@@ -156,7 +162,7 @@ class ResourcesSpec(_Strict):
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0
     """GPUs reserved per trial, per worker when workers_per_trial > 1; a fraction below 1 (0.25,
     0.5) packs several trials onto one GPU."""
-    workers_per_trial: Annotated[int, Field(ge=1)] = 1
+    workers_per_trial: Annotated[int, Field(ge=1, le=4096)] = 1
     """Processes per trial: above 1, each trial is a Ray Train run of this many DeepSpeed workers
     (see `deepspeed`) sharing every training batch."""
 
@@ -214,14 +220,14 @@ class QuantizationSpec(_Strict):
 class ExperimentSpec(_Strict):
     """A whole experiment: model, tasks, methods with their search spaces, search, training."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
     """Experiment name: letters, digits, '-', '_', '.'; the key in MLflow and the store."""
     description: str | None = None
     """Free text shown with the experiment."""
     model: str | None = None
     """Default model of every task: a registry alias (minilm, resnet20-cifar10, ...), a Hugging Face
     Hub id, or a local path; without it, each task type's default (minilm, resnet20-cifar10)."""
-    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    tasks: Annotated[list[TaskSpec], Field(min_length=1, max_length=1000)]
     """Tasks to run; each gets its own search."""
     methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
     """Method name -> its hyperparameters: fixed values, lists (choice) or ranges."""
@@ -253,11 +259,12 @@ class ExperimentSpec(_Strict):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, value: Any) -> Any:
-        valid = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
-            isinstance(value, list) and value and len(set(value)) == len(value)
+        valid = (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEEDS) or (
+            isinstance(value, list) and 0 < len(value) <= MAX_SEEDS and len(set(value)) == len(value)
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
         if value is not None and not valid:
-            raise ValueError("give a number of seeds >= 1 or a list of distinct integer seeds")
+            raise ValueError(f"give a number of seeds from 1 to {MAX_SEEDS} or a list of at most {MAX_SEEDS} "
+                             "distinct integer seeds")
         return value
 
     @property
@@ -400,6 +407,8 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
         problems.append(f"tasks: two tasks are named '{label}'; give them distinct `name`s")
     if spec.search.algorithm == "grid":
         problems += _grid_problems(spec)
+    if not problems:
+        problems += _plan_size_problems(spec)
     if spec.budget is not None:
         problems += _budget_problems(spec)
     problems += _device_problems(spec)
@@ -445,6 +454,26 @@ def _budget_problems(spec: ExperimentSpec) -> list[str]:
         size = next((h.name for h in get_method(space.method).hparams if h.size), None)
         if size in space.leaves:
             problems.append(f"methods.{space.method}.{size}: set by `budget`; remove it or remove the budget")
+    return problems
+
+
+def _plan_size_problems(spec: ExperimentSpec) -> list[str]:
+    """Count each task's trials without building them; refuse a plan beyond MAX_TRIALS."""
+    import math
+
+    spaces, _ = method_spaces(spec)
+    problems = []
+    for i, task in enumerate(spec.tasks):
+        seeds = len(spec.training.seeds)
+        if spec.search.algorithm == "grid":
+            grid = sum(math.prod(len(leaf.grid_values()) for leaf in spaces[m].leaves.values())
+                       for m in spec.methods_for(task) if m in spaces)
+            what, trials = f"a grid of {grid:,} configurations x {spec.search.samples} repeats", grid * spec.search.samples * seeds
+        else:
+            what, trials = f"{spec.search.samples:,} configurations", spec.search.samples * seeds
+        if trials > MAX_TRIALS:
+            problems.append(f"tasks[{i}]: {what} x {seeds} seeds is {trials:,} trials, more than "
+                            f"the {MAX_TRIALS:,} one task may plan; narrow the search")
     return problems
 
 

@@ -52,6 +52,14 @@ def breakages(tmp: Path) -> dict:
         "unknown model path": (lambda s: s.update(model=str(tmp / "no-model")), "model: model path not found"),
         "max_concurrent < 1": (lambda s: s["search"].update(max_concurrent=0), "search.max_concurrent: must be at least 1"),
         "method cannot apply": (lambda s: s["methods"]["lora"].update(target_modules=["q_proj"]), "methods.lora:"),
+        "task name as a path": (lambda s: s["tasks"][0].update(name="../../../../tmp/x"),
+                                "tasks[0].name: String should match pattern"),
+        "absurd num_samples": (lambda s: s["search"].update(num_samples=1_000_000_000),
+                               "search.num_samples: Input should be less than or equal to 10000"),
+        "absurd seeds": (lambda s: s.update(seeds=1_000_000_000), "seeds: give a number of seeds from 1 to 1000"),
+        "grid too large": (lambda s: (s["search"].update(algorithm="grid"),
+                                      s["methods"]["lora"].update(r=list(range(1, 101)), lr=[1e-3 * i for i in range(1, 102)])),
+                           "tasks[0]: a grid of 10,101 configurations x 1 repeats x 1 seeds is 10,101 trials"),
         "fp16 on CPU": (lambda s: s["training"].update(precision="fp16"), "training.precision: fp16 needs a GPU"),
         "quantized non-LoRA method": (lambda s: s.update(quantization={"bits": 4}, resources={"gpus_per_trial": 1}),
                                       "quantization: trains LoRA-family methods only (dora, lora) on the frozen "
@@ -113,6 +121,92 @@ def test_run_refuses_a_trial_this_machine_cannot_place(resources, expected, tmp_
     assert len(lines) == 1 and lines[0].startswith(f"error: {spec_path}: {expected}"), result.stderr
     assert not ray.is_initialized()
     assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--store", "foo://bar", "results store URL 'foo://bar': unsupported database 'foo'"),
+    ("--store", "sqlite:////proc/peftlab/results.db", "results store /proc/peftlab/results.db cannot be created"),
+    ("--store", "sqlite:///{file}/results.db", "cannot be created: {file} is a file, not a folder"),
+    ("--store", "postgresql+psycopg://postgres@127.0.0.1:1/test", "cannot reach the results store at 127.0.0.1:1"),
+    ("--tracking-uri", "http://127.0.0.1:1", "cannot reach MLflow tracking at 127.0.0.1:1"),
+    ("--tracking-uri", "foo://bar", "MLflow tracking URI 'foo://bar': unsupported scheme 'foo'"),
+    ("--tracking-uri", "sqlite:////proc/peftlab/mlflow.db", "MLflow tracking database /proc/peftlab/mlflow.db cannot be created"),
+])
+def test_bad_store_or_tracking_location_fails_at_once(option, value, expected, tmp_path, peftlab_home, sentiment_csv,
+                                                     tiny_bert_dir):
+    import ray
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    value, expected = value.format(file=a_file), expected.format(file=a_file)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(good_spec(sentiment_csv, tiny_bert_dir)))
+    result = runner.invoke(app, ["run", str(spec_path), option, value])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not ray.is_initialized()
+    assert not peftlab_home.exists() or not any(peftlab_home.iterdir())
+    assert a_file.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "spec.yaml"]
+
+
+class _Planted:
+    """A pickle that creates a file when loaded: stands for code run from planted Tune state."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _plant_state(spec: dict, marker: Path) -> Path:
+    import pickle
+
+    from peftlab.spec import parse_spec
+    from peftlab.state import state_path
+
+    parsed = parse_spec(spec)
+    path = state_path(parsed.name, parsed.tasks[0].label)
+    path.mkdir(parents=True)
+    (path / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    return path
+
+
+def test_state_from_elsewhere_is_never_restored(tmp_path, peftlab_home, sentiment_csv, tiny_bert_dir):
+    import ray
+
+    from peftlab.spec import parse_spec
+    from peftlab.state import state_path
+    from peftlab.store import ResultsStore
+
+    spec = good_spec(sentiment_csv, tiny_bert_dir)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    marker = tmp_path / "code-ran"
+    planted = _plant_state(spec, marker)
+
+    # A store that never saw the experiment: `run` refuses and names `resume`.
+    result = runner.invoke(app, ["run", str(spec_path)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and f"Tune state of experiment 'bad-input' exists at {planted}" in line
+    assert "holds no such experiment" in line and "peftlab resume bad-input" in line
+
+    # A store that holds it, but state peftlab did not write for it: `resume` refuses to unpickle.
+    parsed = parse_spec(spec)
+    ResultsStore(f"sqlite:///{peftlab_home / 'results.db'}").create_experiment(
+        parsed.name, parsed.model_dump(mode="json"), parsed.spec_hash(), "eval/accuracy", "max", "test", {})
+    result = runner.invoke(app, ["resume", "bad-input"])
+    assert result.exit_code == 2, result.output
+    assert f"Tune state at {planted} has no peftlab ownership record" in result.stderr
+    assert not marker.exists() and not ray.is_initialized()
+
+    # Names become folder names only through a safe key, directly under the Ray storage.
+    for label in ("../../../../tmp/x", "a" * 300, "café data (1).csv"):
+        path = state_path("exp", label)
+        assert path.parent == peftlab_home / "ray" and len(path.name) < 100
+        assert all(c.isalnum() or c in "-_." for c in path.name)
 
 
 def test_gradient_checkpointing_on_a_model_without_it_is_refused(tmp_path, peftlab_home, data_dir):
