@@ -135,11 +135,14 @@ def _finish(sweep, name: str, store: str | None) -> None:
     """Run a sweep, print its leaderboard; exit 1 if every trial failed, 130 if interrupted."""
     from peftlab.progress import leaderboard_table
 
+    from peftlab.driver import TERMINATED, interrupt_on_sigterm
+
+    interrupt_on_sigterm()
     try:
         outcome = sweep()
     except KeyboardInterrupt:
         err_console.print(f"interrupted: continue with `peftlab resume {name}`")
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if TERMINATED else 130) from None
     console.print(leaderboard_table(outcome.leaderboard))
     counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(outcome.counts.items()))
     console.print(f"{outcome.experiment}: {counts or 'no trials'}; results in {settings.store_url(store)}")

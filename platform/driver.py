@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform as _stdlib_platform
 import re
+import signal
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,26 @@ def check_resources(spec: ExperimentSpec, available: dict[str, float], where: st
         if needed > have:
             raise UserError(f"resources.{key}: a trial needs {needed:g} {kind}s{per} but {where} has "
                             f"{have:g}; lower it or add {kind}s to the cluster", where=source)
+
+
+TERMINATED: list[int] = []
+"""Fills when SIGTERM interrupted the sweep (the CLI then exits 143, 128 + 15)."""
+_SIGTERM_WANTED: list[bool] = []
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (docker stop, `timeout`, `peftlab stop`) interrupt a sweep as Ctrl-C does: Ray
+    Tune saves its state and stops its trials, and rows and runs are left resumable. Installed
+    again once Ray has started, since Ray puts its own handler (which aborts) in its place."""
+    import threading
+
+    def interrupt(signum, frame) -> None:
+        TERMINATED.append(signum)
+        signal.raise_signal(signal.SIGINT)  # Tune's handler while it runs, else KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+        _SIGTERM_WANTED[:] = [True]
 
 
 def init_ray(address: str | None) -> None:
@@ -358,6 +379,8 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
         tracker = pool.submit(Tracker, tracking_uri, spec.name, artifact_root=settings.mlflow_artifacts())
         init_ray(address)
         tracker = tracker.result()
+    if _SIGTERM_WANTED:
+        interrupt_on_sigterm()
     check_resources(spec, ray.cluster_resources(),
                     f"the cluster at {address}" if address else "the local Ray instance", source)
     if fits:
@@ -391,6 +414,9 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
         return outcome
     except KeyboardInterrupt:
         status = ExperimentStatus.INTERRUPTED
+        # Trials cut short are neither running nor finished: `resume` restarts them.
+        for run_id in store.interrupt_trials(spec.name):
+            tracker.set_status(run_id, "KILLED")
         raise
     finally:
         store.set_experiment_status(spec.name, status)

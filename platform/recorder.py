@@ -81,8 +81,12 @@ class Recorder(Callback):
                 "peftlab.trial_id": trial.trial_id, "peftlab.phase": self.phase}
         # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
         known = self.store.get_trial(trial.trial_id)
-        run_id = (known.mlflow_run_id if known else None) or self.tracker.start_run(
-            f"{task.label}-{method.name}-{trial.trial_id}", tags, {"method": method.name, "seed": seed, **hparams, **self.run_params})
+        run_id = known.mlflow_run_id if known else None
+        if run_id:
+            self.tracker.set_status(run_id, "RUNNING")  # an interrupted sweep left it KILLED
+        else:
+            run_id = self.tracker.start_run(f"{task.label}-{method.name}-{trial.trial_id}", tags,
+                                            {"method": method.name, "seed": seed, **hparams, **self.run_params})
         self.runs[trial.trial_id] = run_id
         record = TrialRecord(
             trial_id=trial.trial_id, experiment=self.experiment, task=task.label,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -19,16 +20,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Row, create_engine, delete, event, func, select, update
+from sqlalchemy import Connection, Row, create_engine, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from peftlab.errors import UserError
 from peftlab.store_models import Experiment, Trial, TrialMetric
 
 Mode = Literal["max", "min"]
+
+MIGRATION_TRIES = 20
+MIGRATION_LOCK = 0x7065_6674  # "peft": the advisory lock key PostgreSQL migrations take
 
 # One upsert code path, picked by dialect name: both dialects spell ON CONFLICT the same way.
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -185,18 +189,36 @@ class ResultsStore:
             raise
 
     def _prepare_schema(self, *, upgrade: bool) -> None:
+        if upgrade:
+            self._upgrade()
+            return
         with self._session() as session:
             connection = session.connection()
             config = _alembic_config(connection)
-            if upgrade:
-                command.upgrade(config, "head")
-                return
             current = set(MigrationContext.configure(connection).get_current_heads())
             if current != set(ScriptDirectory.from_config(config).get_heads()):
                 raise UserError(
                     f"results store {self.url} is not at the current schema; "
                     f"run: peftlab migrate --store {self.url}"
                 )
+
+    def _upgrade(self) -> None:
+        """Migrate to the current schema. Two processes may start on a new store at once (two
+        `run`s, a `run` and a `migrate`): the loser's transaction fails on what the winner created,
+        rolls back, and its retry finds the schema current (PostgreSQL also serialises them)."""
+        for attempt in range(MIGRATION_TRIES):
+            try:
+                with self._session() as session:
+                    connection = session.connection()
+                    if connection.dialect.name == "postgresql":
+                        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                    command.upgrade(_alembic_config(connection), "head")
+                return
+            except (OperationalError, ProgrammingError, IntegrityError) as exc:
+                if attempt == MIGRATION_TRIES - 1:
+                    reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+                    raise UserError(f"cannot migrate results store {self.url}: {reason}") from None
+                time.sleep(0.1 * (attempt + 1))
 
     @staticmethod
     def _connect_args(url: URL) -> dict[str, Any]:
@@ -297,6 +319,16 @@ class ResultsStore:
             )
             if result.rowcount == 0:
                 raise UserError(f"no experiment named {name!r} in results store {self.url}")
+
+    def interrupt_trials(self, name: str) -> list[str]:
+        """Trials of the experiment still RUNNING go back to PENDING (the sweep was interrupted and
+        `resume` restarts them); returns their MLflow run ids."""
+        with self._session() as session:
+            rows = session.scalars(select(Trial).join(Experiment).where(
+                Experiment.name == name, Trial.status == TrialStatus.RUNNING.value)).all()
+            for row in rows:
+                row.status = TrialStatus.PENDING.value
+            return [row.mlflow_run_id for row in rows if row.mlflow_run_id]
 
     def delete_experiment(self, name: str) -> None:
         """Delete an experiment; its trials and their metrics go with it (ON DELETE CASCADE)."""

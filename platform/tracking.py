@@ -25,20 +25,36 @@ class Tracker:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        # Two drivers may create a new SQLite tracking database at once; the one whose schema
+        # migration loses the race tries again and finds it made.
+        tries = TRIES_ON_NEW_DATABASE if uri.startswith("sqlite:") else 1
+        for attempt in range(tries):
+            try:
+                self.client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._experiment_id(experiment, artifact_root)
+                return
+            except Exception as exc:  # mlflow raises many types for an unreachable backend
+                if attempt < tries - 1:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"cannot reach MLflow tracking at {uri}: {reason[:200]}") from None
+
+    def _experiment_id(self, experiment: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        # A tracking server decides where artifacts go (its --artifacts-destination, reached
+        # through it); only a local backend gets a folder of ours.
+        served = self.uri.startswith(("http://", "https://"))
+        location = (artifact_root / experiment).resolve().as_uri() if artifact_root and not served else None
         try:
-            found = self.client.get_experiment_by_name(experiment)
+            return self.client.create_experiment(experiment, artifact_location=location)
+        except Exception:
+            found = self.client.get_experiment_by_name(experiment)  # another driver created it first
             if found is None:
-                # A tracking server decides where artifacts go (its --artifacts-destination, reached
-                # through it); only a local backend gets a folder of ours.
-                served = uri.startswith(("http://", "https://"))
-                location = (artifact_root / experiment).resolve().as_uri() if artifact_root and not served else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            else:
-                self.experiment_id = found.experiment_id
-        except Exception as exc:  # mlflow raises many types for an unreachable backend
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot reach MLflow tracking at {uri}: {reason[:200]}") from None
+                raise
+            return found.experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         from mlflow.entities import Param
@@ -66,6 +82,17 @@ class Tracker:
         if artifact_dir and Path(artifact_dir).is_dir():
             self.client.log_artifacts(run_id, artifact_dir, artifact_path="adapter")
         self.client.set_terminated(run_id, status=status)
+
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """RUNNING again when a trial restarts, KILLED when its sweep was interrupted."""
+        if status == "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, status=status)
+
+
+TRIES_ON_NEW_DATABASE = 10
 
 
 def _finite(value: Any) -> bool:

@@ -183,14 +183,18 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, s
         if db.exists() and any(t.status is TrialStatus.COMPLETED for t in ResultsStore(f"sqlite:///{db}").trials("resume-me")):
             break
         time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    # SIGTERM, as docker, `timeout` and `peftlab stop` send it, interrupts like Ctrl-C (SIGINT).
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == 143, out + err
     assert "peftlab resume resume-me" in err
     store = ResultsStore(f"sqlite:///{db}")
     assert store.get_experiment("resume-me").status.value == "INTERRUPTED"
     before = {t.trial_id: t.status for t in store.trials("resume-me")}
     assert 1 <= sum(s is TrialStatus.COMPLETED for s in before.values()) < 4
+    assert TrialStatus.RUNNING not in before.values()  # cut-short trials wait as PENDING
+    _, runs = mlflow_runs(home, "resume-me")
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
     done = run_cli("resume", "resume-me", home=home)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -200,4 +204,4 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, s
     assert set(before) <= {t.trial_id for t in trials}
     assert store.get_experiment("resume-me").status.value == "COMPLETED"
     _, runs = mlflow_runs(home, "resume-me")
-    assert len(runs) == 4
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs.values())
