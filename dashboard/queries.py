@@ -7,7 +7,6 @@ to the best) happens here in SQL, so only reduced rows reach Python. No Streamli
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from sqlalchemy import (
     column,
     create_engine,
     distinct,
-    event,
     func,
     or_,
     select,
@@ -38,7 +36,7 @@ from sqlalchemy.pool import QueuePool
 
 from peftlab.dashboard import stats
 from peftlab.errors import UserError
-from peftlab.store import ResultsStore, TrialStatus
+from peftlab.store import ResultsStore, TrialStatus, read_only_sqlite
 from peftlab.store_models import UTCDateTime
 
 STATUSES = [status.value for status in TrialStatus]
@@ -120,20 +118,7 @@ def open_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         # mode=ro: the OS-level guarantee that the dashboard can never write the file.
-        uri = Path(parsed.database).expanduser().resolve().as_uri() + "?mode=ro"
-        engine = create_engine(
-            "sqlite://", poolclass=QueuePool,
-            creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
-        )
-
-        @event.listens_for(engine, "connect")
-        def _read_only(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA query_only=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")  # wait out a writer's checkpoint
-            cursor.close()
-
-        return engine
+        return create_engine("sqlite://", poolclass=QueuePool, creator=lambda: read_only_sqlite(parsed.database))
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # what peftlab ships
     connect_args: dict[str, Any] = {"options": "-c default_transaction_read_only=on"}

@@ -166,6 +166,18 @@ def _parse_url(url: str) -> URL:
     return parsed
 
 
+def read_only_sqlite(path: str | Path) -> Any:
+    """A DB-API connection to an existing SQLite file that cannot change it: opened with
+    mode=ro (the OS-level guarantee) and query_only, its journal mode left as it is."""
+    import sqlite3
+
+    uri = Path(path).expanduser().resolve().as_uri() + "?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    connection.execute("PRAGMA query_only=ON")
+    connection.execute("PRAGMA busy_timeout=30000")  # wait out a writer's checkpoint
+    return connection
+
+
 class ResultsStore:
     """Experiments, trials and metric curves in one SQL database.
 
@@ -176,11 +188,16 @@ class ResultsStore:
     def __init__(self, url: str, *, migrate: bool = True, read_only: bool = False) -> None:
         parsed = _parse_url(url)
         self.url = parsed.render_as_string(hide_password=True)
-        self._engine = create_engine(
-            parsed, json_serializer=_json_dumps, connect_args=self._connect_args(parsed)
-        )
+        if read_only and parsed.get_backend_name() == "sqlite":
+            # Never the writer's set-up (it would switch a file to WAL): the file stays as it is.
+            self._engine = create_engine("sqlite://", json_serializer=_json_dumps,
+                                         creator=lambda: read_only_sqlite(parsed.database))
+        else:
+            self._engine = create_engine(
+                parsed, json_serializer=_json_dumps, connect_args=self._connect_args(parsed)
+            )
+            event.listen(self._engine, "connect", self._on_connect(parsed, read_only))
         self._insert = _INSERTS[parsed.get_backend_name()]
-        event.listen(self._engine, "connect", self._on_connect(parsed, read_only))
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             self._prepare_schema(upgrade=migrate and not read_only)
@@ -241,8 +258,6 @@ class ResultsStore:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.execute("PRAGMA busy_timeout=30000")
-                if read_only:
-                    cursor.execute("PRAGMA query_only=ON")
             elif read_only:
                 cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
                 dbapi_connection.commit()

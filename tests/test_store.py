@@ -217,3 +217,36 @@ def test_read_only_store_refuses_writes(store: ResultsStore, empty_url: str) -> 
     with pytest.raises(DBAPIError):
         reader.upsert_trial(make_trial("t1"))
     reader.close()
+
+
+def test_readers_leave_a_sqlite_store_byte_identical(tmp_path):
+    """The dashboard's checks and queries and a read-only ResultsStore on a DELETE-journal file:
+    not one byte changes and no -wal / -shm file appears."""
+    import hashlib
+    import sqlite3
+
+    from peftlab.dashboard import queries
+
+    path = tmp_path / "results.db"
+    url = f"sqlite:///{path}"
+    writer = ResultsStore(url)
+    writer.create_experiment("x", {"name": "x"}, "h", "eval/accuracy", "max", "v", {})
+    writer.close()
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    connection.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    queries.check_store(url)
+    engine = queries.open_engine(url)
+    with engine.connect() as reader:
+        assert "x" in queries.filter_options(reader)["experiment"]
+    engine.dispose()
+    reader_store = ResultsStore(url, migrate=False, read_only=True)
+    assert reader_store.get_experiment("x").spec_hash == "h"
+    with pytest.raises(Exception):
+        reader_store.set_experiment_status("x", ExperimentStatus.FAILED)
+    reader_store.close()
+
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.db"]
