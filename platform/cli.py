@@ -166,7 +166,7 @@ def _open_store(url: str | None):
 def results(
     name: Annotated[Optional[str], typer.Argument(help="Experiment name (default: the latest).")] = None,
     store: StoreOpt = None,
-    format: Annotated[Format, typer.Option("--format", help="table, csv or json.")] = Format.table,
+    format: Annotated[Format, typer.Option("--format", help="table, csv, json or markdown.")] = Format.table,
 ) -> None:
     """The leaderboard of an experiment from the results store."""
     from peftlab.progress import leaderboard_table
@@ -192,13 +192,30 @@ def results(
     records = [asdict(row) for row in rows]
     if format is Format.json:
         sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
-        return
+    elif format is Format.markdown:
+        sys.stdout.write(_markdown(records or [{"task": "", "method": ""}]))
+    else:
+        sys.stdout.write(_csv(records, empty=["task", "method"]))
+
+
+def _cell(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else ("" if value is None else str(value))
+
+
+def _csv(records: list[dict], empty: list[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["task", "method"])
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else empty)
     writer.writeheader()
     for record in records:
-        writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in record.items()})
-    sys.stdout.write(buffer.getvalue())
+        writer.writerow({k: _cell(v) for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def _markdown(records: list[dict]) -> str:
+    columns = list(records[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in records]
+    return "\n".join(lines) + "\n"
 
 
 def _print_seed_summary(url: str | None, name: str, spec: dict) -> None:
@@ -227,7 +244,7 @@ def _print_seed_summary(url: str | None, name: str, spec: dict) -> None:
 
 @app.command()
 @user_errors
-def methods(format: Annotated[Format, typer.Option("--format", help="table, json or markdown.")] = Format.table) -> None:
+def methods(format: Annotated[Format, typer.Option("--format", help="table, csv, json or markdown.")] = Format.table) -> None:
     """Registered PEFT methods: hyperparameters with defaults, parameter formula, mergeability."""
     from peftlab.workers.methods import all_methods
 
@@ -246,7 +263,10 @@ def methods(format: Annotated[Format, typer.Option("--format", help="table, json
         sys.stdout.write(methods_markdown(described))
         return
     if format is Format.csv:
-        raise UserError("methods prints as table, json or markdown")
+        sys.stdout.write(_csv([{**{k: v for k, v in m.items() if k != "hyperparameters"},
+                                "hyperparameters": "; ".join(f"{k}={v['default']}" for k, v in m["hyperparameters"].items())}
+                               for m in described], empty=["name"]))
+        return
     table = Table(title="Registered methods", title_justify="left", show_lines=True)
     for column in ("method", "trains", "hyperparameters (default)", "params formula", "mergeable"):
         table.add_column(column, overflow="fold")

@@ -5,6 +5,7 @@ written; after that, trials are recorded by the `Recorder` callback as they run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform as _stdlib_platform
 import re
@@ -169,6 +170,24 @@ def check_resources(spec: ExperimentSpec, available: dict[str, float], where: st
         if needed > have:
             raise UserError(f"resources.{key}: a trial needs {needed:g} {kind}s{per} but {where} has "
                             f"{have:g}; lower it or add {kind}s to the cluster", where=source)
+
+
+class _Replaced(logging.Filter):
+    """Drops Tune's log lines that peftlab says better itself: a failed trial's whole traceback
+    (the display prints its reason and where its log is) and Tune's own resume hint (the CLI
+    names `peftlab resume`)."""
+
+    PREFIXES = ("Trial task failed for trial", "Experiment has been interrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def quiet_tune_logs() -> None:
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Replaced) for f in logger.filters):
+            logger.addFilter(_Replaced())
 
 
 TERMINATED: list[int] = []
@@ -368,6 +387,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
                         f"or use the store that has it and `peftlab resume {spec.name}`")
     for path, label, phase in state:
         check_owned(path, spec.name, spec.spec_hash(), label, phase)
+    quiet_tune_logs()
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Trials report progress between evaluations, without the metric; ASHA and the searchers

@@ -87,6 +87,21 @@ class SweepProgress(Callback):
     def setup(self, **info) -> None:
         self.live.start()
 
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        """Trials that finished before a restore are in Tune's list but sent this (restored)
+        display nothing: count them, and take the best so far from their results."""
+        for trial in trials:
+            if trial.trial_id in self.state or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            last = TrialReport.from_result(trial.last_result)
+            self.state[trial.trial_id] = ("failed" if trial.status == "ERROR" else
+                                          "done" if last is not None and last.outcome is Outcome.COMPLETED
+                                          else "early-stopped")
+            value = (trial.metric_analysis.get(self.plan.metric) or {}).get(self.plan.mode)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                if self.best is None or (value > self.best[0] if self.plan.mode == "max" else value < self.best[0]):
+                    self.best = (value, trial.config["method"])
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.state[trial.trial_id] = "running"
         config = trial.config
@@ -123,7 +138,8 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from peftlab.recorder import error_reason
 
-        self._line(trial, "failed", error_reason(trial))
+        log = trial.error_file or getattr(trial, "local_path", None)
+        self._line(trial, "failed", error_reason(trial) + (f"  (log: {log})" if log else ""))
 
     def on_experiment_end(self, trials, **info) -> None:
         self.live.stop()

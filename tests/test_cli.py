@@ -1,6 +1,8 @@
 """The CLI's contract: bad input gives one line, exit 2, no Ray and nothing written."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -52,6 +54,14 @@ def breakages(tmp: Path) -> dict:
         "unknown model path": (lambda s: s.update(model=str(tmp / "no-model")), "model: model path not found"),
         "max_concurrent < 1": (lambda s: s["search"].update(max_concurrent=0), "search.max_concurrent: must be at least 1"),
         "method cannot apply": (lambda s: s["methods"]["lora"].update(target_modules=["q_proj"]), "methods.lora:"),
+        "tab-separated .csv": (lambda s: s["tasks"][0].update(dataset=str(write_csv(tmp / "tabs.csv", "text\tlabel", ["a b\t1", "c d\t0"] * 10))),
+                               "looks tab-separated; name it .tsv"),
+        "latin-1 file": (lambda s: ((tmp / "latin1.csv").write_bytes("text,label\ncaf\u00e9 ok,1\nbad,0\n".encode("latin-1")),
+                                    s["tasks"][0].update(dataset=str(tmp / "latin1.csv"))),
+                         "is not UTF-8 text (byte 0xe9 at offset"),
+        "empty text cell": (lambda s: s["tasks"][0].update(dataset=str(write_csv(tmp / "holes.csv", "text,label", ["a,1", ",0", "b,1", " ,0"] * 5))),
+                            "text column 'text' has 10 empty values (data rows 2, 4, 6, 8, 10, ..., counted from 1)"),
+        "model alias typo": (lambda s: s.update(model="minlm"), "model: unknown model 'minlm': did you mean minilm?"),
         "task name as a path": (lambda s: s["tasks"][0].update(name="../../../../tmp/x"),
                                 "tasks[0].name: String should match pattern"),
         "absurd num_samples": (lambda s: s["search"].update(num_samples=1_000_000_000),
@@ -254,6 +264,10 @@ def test_methods_lists_registry_with_formulas():
     assert "r" in methods["lora"]["formula"]
     table = runner.invoke(app, ["methods"])
     assert table.exit_code == 0 and "dora" in table.stdout
+    listed = runner.invoke(app, ["methods", "--format", "csv"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}
+    assert rows.keys() == methods.keys() and "r=8" in rows["lora"]["hyperparameters"]
 
 
 def test_results_without_a_store(peftlab_home):

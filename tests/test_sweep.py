@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     done = run_cli("run", str(spec_path), home=home)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Leaderboard" in done.stdout
+    # The diverged trial is one line with its reason and its log, not Tune's whole traceback.
+    failed_line = next(line for line in done.stdout.splitlines() if line.strip().startswith("failed"))
+    assert "NonFiniteLoss: training loss became" in failed_line and "(log: " in failed_line
+    assert "Traceback" not in done.stdout + done.stderr
 
     store = ResultsStore(f"sqlite:///{home / 'results.db'}")
     assert store.get_experiment("e2e").status.value == "COMPLETED"
@@ -120,6 +125,10 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     rows = json.loads(listed.stdout)
     assert {r["method"] for r in rows} == {"full", "lora", "bitfit"}
     assert next(r for r in rows if r["method"] == "full")["trial_id"] == good.trial_id
+    markdown = run_cli("results", "e2e", "--format", "markdown", home=home)
+    assert markdown.returncode == 0, markdown.stderr
+    lines = markdown.stdout.splitlines()
+    assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
 
 
 @pytest.mark.postgres
@@ -198,6 +207,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, s
 
     done = run_cli("resume", "resume-me", home=home)
     assert done.returncode == 0, done.stdout + done.stderr
+    # The restored display counts the trials finished before the interruption: 0 pending, 4 done.
+    assert re.search(r"│\s*0\s*│\s*0\s*│\s*4\s*│\s*0\s*│\s*0\s*│\s*\d\.\d{4}\s+lora", done.stdout), done.stdout
+    assert "Tuner.restore" not in done.stdout + done.stderr + err
     trials = store.trials("resume-me")
     assert len(trials) == 4 and all(t.status is TrialStatus.COMPLETED for t in trials)
     assert sorted((t.hparams["r"], t.hparams["lr"]) for t in trials) == [(2, 1e-3), (2, 3e-3), (4, 1e-3), (4, 3e-3)]

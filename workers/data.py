@@ -284,14 +284,23 @@ def _read_file(path: Path) -> pd.DataFrame:
     if _require(path).stat().st_size == 0:
         raise UserError(f"dataset file is empty: {path}")
     suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        header = f.readline()
+    if suffix == ".csv" and b"\t" in header and b"," not in header:
+        raise UserError(f"cannot read {path}: its header has tabs and no commas, so it looks tab-separated; "
+                        "name it .tsv")
     try:
         if suffix == ".csv":
             return pd.read_csv(path)
         if suffix == ".tsv":
             return pd.read_csv(path, sep="\t")
         return pd.read_json(path, lines=suffix == ".jsonl")
-    except ValueError as exc:  # pandas' parser, empty-file and decoding errors are ValueErrors
-        raise UserError(f"cannot read {path}: {_short(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read {path}: it is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}; a latin-1 or Windows export?): save it as UTF-8") from None
+    except ValueError as exc:  # pandas' parser and empty-file errors are ValueErrors
+        hint = "; check its separator (.csv: commas, .tsv: tabs) and quoting" if suffix in (".csv", ".tsv") else ""
+        raise UserError(f"cannot read {path}: {_short(exc)}{hint}") from None
 
 
 def _read_hub(
@@ -346,7 +355,9 @@ def _missing_column(kind: str, column: str, available: Sequence[object]) -> str:
 def _texts(values: pd.Series, column: str, where: str) -> list[str]:
     empty = values.isna() | (values.astype(str).str.strip() == "")
     if empty.any():
-        raise UserError(f"text column '{column}' has {int(empty.sum())} empty values", where=where)
+        rows = [int(i) + 1 for i in values.index[empty][:5] if isinstance(i, (int, np.integer))]
+        at = f" (data rows {', '.join(map(str, rows))}{', ...' if empty.sum() > 5 else ''}, counted from 1)" if rows else ""
+        raise UserError(f"text column '{column}' has {int(empty.sum())} empty values{at}", where=where)
     return values.astype(str).tolist()
 
 

@@ -5,6 +5,7 @@ against real module names before anything runs.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model path not found or has no config.json: {path}")
         return str(path.resolve())
+    aliases = [*ALIASES, *VISION_ALIASES]
+    # A near miss of an alias is a typo, not a Hub id: say so before the Hub is asked (and retried).
+    if close := difflib.get_close_matches(name, aliases, n=1, cutoff=0.8):
+        raise UserError(f"unknown model '{name}': did you mean {close[0]}? (aliases: {', '.join(aliases)}; "
+                        "or a Hub id or local folder)")
     return name
 
 
