@@ -26,7 +26,7 @@ from peftlab.locations import check_store_url, check_tracking_uri, require_store
 from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan, seed_plan
 from peftlab.spec import ExperimentSpec, method_spaces
 from peftlab.state import SEARCH, SEEDS, check_owned, claim, state_path
-from peftlab.store import ExperimentStatus, LeaderboardRow, ResultsStore, TrialRecord, TrialStatus
+from peftlab.store import FINISHED, ExperimentStatus, LeaderboardRow, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 
 PACKAGES = ("peftlab", "torch", "transformers", "peft", "ray", "optuna", "mlflow", "sqlalchemy")
@@ -281,7 +281,7 @@ def best_configs(store: ResultsStore, spec: ExperimentSpec, task_plan: TaskPlan)
     return {m: t.hparams for m, t in best.items()}, done
 
 
-def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
+def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, finished: dict[str, str] | None = None):
     from ray import tune
 
     from peftlab.workers.trial import TrialContext, run_trial
@@ -291,7 +291,7 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan):
         experiment=spec.name, model=spec.model_for(task_plan.task), task=task_plan.task, training=spec.training,
         adapters_dir=str(settings.adapters_dir()), data_dir=str(data_dir) if data_dir else None,
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
-        model_dtype=spec.model_dtype, quantization=spec.quantization,
+        model_dtype=spec.model_dtype, quantization=spec.quantization, finished=finished or {},
     )
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import run_distributed_trial
@@ -326,7 +326,11 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         check_owned(path, spec.name, spec.spec_hash(), label, phase)
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
-        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan), resume_unfinished=True)
+        # Trials the store has as finished may be unfinished in Tune's last saved state (the
+        # driver died between the two): they are handed their status instead of a re-run.
+        finished = {t.trial_id: t.status.value for t in store.trials(spec.name)
+                    if t.task == label and t.status in FINISHED}
+        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, finished), resume_unfinished=True)
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,

@@ -13,7 +13,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from peftlab.search import TaskPlan
-from peftlab.store import ResultsStore, TrialRecord, TrialStatus
+from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 from peftlab.workers.methods import get_method
 from peftlab.workers.report import Outcome, TrialReport
@@ -55,6 +55,10 @@ class Recorder(Callback):
         self.seeds, self.spec_hash = seeds, spec_hash
         self.records: dict[str, TrialRecord] = {}
         self.runs: dict[str, str] = {}
+        self.finished_before: set[str] = set()
+        """Trials the store had as finished when Tune (restored) started them again: left alone."""
+        self.logged: dict[str, int] = {}
+        """Trial id -> the last step whose curve points are already in the store and MLflow."""
 
     # Tune pickles its callbacks with the experiment state (for `peftlab resume`), so the
     # recorder holds no connection (nor any password): the driver binds them by name.
@@ -81,6 +85,11 @@ class Recorder(Callback):
                 "peftlab.trial_id": trial.trial_id, "peftlab.phase": self.phase}
         # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
         known = self.store.get_trial(trial.trial_id)
+        if known is not None and known.status in FINISHED:
+            self.finished_before.add(trial.trial_id)
+            return
+        # Its restart reports steps again from the first: each step's points are kept once.
+        self.logged[trial.trial_id] = max((step for step, _, _ in self.store.metrics(trial.trial_id)), default=0)
         run_id = known.mlflow_run_id if known else None
         if run_id:
             self.tracker.set_status(run_id, "RUNNING")  # an interrupted sweep left it KILLED
@@ -99,12 +108,13 @@ class Recorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         report = TrialReport.from_result(result)
-        if report is None:
+        if report is None or trial.trial_id in self.finished_before:
             return
         record = self.records[trial.trial_id]
         curve = report.curve()
-        self.store.add_metrics(trial.trial_id, report.step, curve)
-        self.tracker.log_metrics(self.runs[trial.trial_id], curve, report.step)
+        if report.step > self.logged.get(trial.trial_id, 0):
+            self.store.add_metrics(trial.trial_id, report.step, curve)
+            self.tracker.log_metrics(self.runs[trial.trial_id], curve, report.step)
         if report.is_evaluation:
             value = report.scores().get(self.plan.metric)
             if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.objective):
@@ -120,6 +130,8 @@ class Recorder(Callback):
         self.store.upsert_trial(record)
 
     def _finish(self, trial, status: TrialStatus, error: str | None = None) -> None:
+        if trial.trial_id in self.finished_before:
+            return
         record = self.records.get(trial.trial_id)
         if record is None:  # failed before it started (e.g. the actor could not be placed)
             self.on_trial_start(0, [], trial)

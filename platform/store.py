@@ -53,6 +53,10 @@ class TrialStatus(str, enum.Enum):
     FAILED = "FAILED"
 
 
+FINISHED = (TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED, TrialStatus.FAILED)
+"""A trial in one of these states has ended and is never run again."""
+
+
 @dataclass(kw_only=True)
 class ExperimentRecord:
     name: str

@@ -17,7 +17,7 @@ from torch import nn
 from peftlab.errors import UserError
 from peftlab.spec import DeepSpeedSpec, ResourcesSpec, TrainingSpec
 from peftlab.workers.train import LoopSettings, Stepper, TrialLoop, batch_problems, optimizer_and_schedule, split
-from peftlab.workers.trial import TrialContext, adapter_dir_of, prepare_trial
+from peftlab.workers.trial import TrialContext, adapter_dir_of, prepare_trial, replay_if_finished
 
 
 def multi_worker_problems(methods: list[str], training: TrainingSpec, resources: ResourcesSpec, *,
@@ -182,9 +182,11 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
 
+    trial_id = tune.get_context().get_trial_id()
+    if replay_if_finished(context, trial_id, lambda record: tune.report(record.to_result())):
+        return
     global _worker_groups
     _worker_groups = Queue(actor_options={"num_cpus": 0})  # reserves nothing: the workers hold the CPUs
-    trial_id = tune.get_context().get_trial_id()
     per_worker = {"CPU": context.cpus, **({"GPU": context.gpus} if context.gpus > 0 else {})}
     trainer = TorchTrainer(
         train_worker,

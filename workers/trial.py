@@ -6,13 +6,13 @@ shared `TrialContext`; everything it measures goes back through `tune.report`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftlab.workers.report import Costs
+from peftlab.workers.report import Costs, Outcome, TrialReport
 from peftlab.spec import QuantizationSpec, TaskSpec, TrainingSpec
 
 SEED_INDEX = "__trial_index__"  # set by Tune's Repeater on each repeat of an Optuna config
@@ -32,6 +32,22 @@ class TrialContext:
     gpus: float
     model_dtype: str = "float32"
     quantization: QuantizationSpec | None = None
+    finished: dict[str, str] = field(default_factory=dict)
+    """Trial id -> its status in the store, for trials that finished before Tune's state was last
+    saved: after a restore Tune starts them again, and they must not train twice."""
+
+
+def replay_if_finished(context: TrialContext, trial_id: str, report) -> bool:
+    """For a trial the store has as finished: report only how it ended (no training) and return
+    True; a failed one fails again, with no new attempt."""
+    status = context.finished.get(trial_id)
+    if status is None:
+        return False
+    if status == "FAILED":
+        raise RuntimeError(f"trial {trial_id} failed before the sweep was restored; it is not run again")
+    outcome = Outcome.COMPLETED if status == "COMPLETED" else None
+    report(TrialReport(step=0, max_steps=context.training.max_steps, costs=Costs(0, 0), outcome=outcome))
+    return True
 
 
 def seed_of(config: dict, seeds: list[int]) -> int:
@@ -131,6 +147,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     from peftlab.workers.train import Stepper, TrialLoop
 
+    if replay_if_finished(context, tune.get_context().get_trial_id(), lambda record: tune.report(record.to_result())):
+        return
     trial = prepare_trial(config, context)
     model, method = trial.model, trial.method
     stepper = Stepper(model, trial.settings, trial.device,
