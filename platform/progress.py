@@ -88,6 +88,9 @@ class SweepProgress(Callback):
         self.live.start()
 
     def on_step_begin(self, iteration, trials, **info) -> None:
+        self._count_finished(trials)
+
+    def _count_finished(self, trials) -> None:
         """Trials that finished before a restore are in Tune's list but sent this (restored)
         display nothing: count them, and take the best so far from their results."""
         for trial in trials:
@@ -142,6 +145,7 @@ class SweepProgress(Callback):
         self._line(trial, "failed", error_reason(trial) + (f"  (log: {log})" if log else ""))
 
     def on_experiment_end(self, trials, **info) -> None:
+        self._count_finished(trials)  # a restored experiment with nothing left to run
         self.live.stop()
         self.console.print(self._render())
 

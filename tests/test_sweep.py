@@ -210,6 +210,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, s
     # The restored display counts the trials finished before the interruption: 0 pending, 4 done.
     assert re.search(r"│\s*0\s*│\s*0\s*│\s*4\s*│\s*0\s*│\s*0\s*│\s*\d\.\d{4}\s+lora", done.stdout), done.stdout
     assert "Tuner.restore" not in done.stdout + done.stderr + err
+    again = run_cli("resume", "resume-me", home=home)  # nothing left to run: still 4 done, none pending
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"│\s*0\s*│\s*0\s*│\s*4\s*│\s*0\s*│\s*0\s*│", again.stdout), again.stdout
     trials = store.trials("resume-me")
     assert len(trials) == 4 and all(t.status is TrialStatus.COMPLETED for t in trials)
     assert sorted((t.hparams["r"], t.hparams["lr"]) for t in trials) == [(2, 1e-3), (2, 3e-3), (4, 1e-3), (4, 3e-3)]
