@@ -69,7 +69,7 @@ def breakages(tmp: Path) -> dict:
         "absurd seeds": (lambda s: s.update(seeds=1_000_000_000), "seeds: give a number of seeds from 1 to 1000"),
         "grid too large": (lambda s: (s["search"].update(algorithm="grid"),
                                       s["methods"]["lora"].update(r=list(range(1, 101)), lr=[1e-3 * i for i in range(1, 102)])),
-                           "tasks[0]: a grid of 10,101 configurations x 1 repeats x 1 seeds is 10,101 trials"),
+                           "tasks[0]: a grid of 10,101 configurations x 2 repeats x 1 seeds is 20,202 trials"),
         "fp16 on CPU": (lambda s: s["training"].update(precision="fp16"), "training.precision: fp16 needs a GPU"),
         "quantized non-LoRA method": (lambda s: s.update(quantization={"bits": 4}, resources={"gpus_per_trial": 1}),
                                       "quantization: trains LoRA-family methods only (dora, lora) on the frozen "
