@@ -11,13 +11,14 @@ import pytest
 
 from conftest import ROOT, fresh_database
 
-ROUNDS = 3
+ROUNDS = 2
 
 MIGRATE = """
 import sys, time
 from pathlib import Path
 from peftlab.store import migrate
 go = Path(sys.argv[1])
+Path(f"{go}.{sys.argv[3]}").touch()  # imported: ready
 while not go.exists():
     time.sleep(0.01)
 migrate(sys.argv[2])
@@ -28,6 +29,8 @@ import sys, time
 from pathlib import Path
 from peftlab.tracking import Tracker
 go = Path(sys.argv[1])
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the schema code, before the start)
+Path(f"{go}.{sys.argv[3]}").touch()  # imported: ready
 while not go.exists():
     time.sleep(0.01)
 print(Tracker(sys.argv[2], "race").experiment_id)
@@ -36,9 +39,11 @@ print(Tracker(sys.argv[2], "race").experiment_id)
 
 def together(script: str, go: Path, target: str) -> list[subprocess.CompletedProcess]:
     """Two processes that import everything, then wait for `go` and run at the same moment."""
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), target], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    time.sleep(8)  # both have imported sqlalchemy, alembic and mlflow by now
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), target, str(i)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{go}.{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
