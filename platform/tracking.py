@@ -5,9 +5,12 @@ database has a single writer and never hits "database is locked" (mlflow issue #
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +28,13 @@ class Tracker:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri
-        # Two drivers may create a new SQLite tracking database at once; the one whose schema
-        # migration loses the race tries again and finds it made.
-        tries = TRIES_ON_NEW_DATABASE if uri.startswith("sqlite:") else 1
-        for attempt in range(tries):
-            try:
+        try:
+            with _creation_lock(uri):
                 self.client = MlflowClient(tracking_uri=uri)
                 self.experiment_id = self._experiment_id(experiment, artifact_root)
-                return
-            except Exception as exc:  # mlflow raises many types for an unreachable backend
-                if attempt < tries - 1:
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"cannot reach MLflow tracking at {uri}: {reason[:200]}") from None
+        except Exception as exc:  # mlflow raises many types for an unreachable backend
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot reach MLflow tracking at {uri}: {reason[:200]}") from None
 
     def _experiment_id(self, experiment: str, artifact_root: Path | None) -> str:
         found = self.client.get_experiment_by_name(experiment)
@@ -92,7 +88,21 @@ class Tracker:
             self.client.set_terminated(run_id, status=status)
 
 
-TRIES_ON_NEW_DATABASE = 10
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """For a SQLite tracking database: one process at a time opens it the first time. MLflow's
+    schema migrations are not atomic on SQLite (a loser of the race leaves a half-made table
+    behind), so two drivers starting on a new database take turns, the second finding it made."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _finite(value: Any) -> bool:
