@@ -35,7 +35,7 @@ def writer(url: str, experiment: str, index: int, seconds: float, queue) -> None
                              started_at=datetime.now(timezone.utc), objective=0.5 + step % 7 / 100, steps=step)
         try:
             store.upsert_trial(record)
-            store.add_metrics(trial_id, step, {"train/loss": 1 / step, "eval/accuracy": 0.5, "eval/loss": 0.7,
+            store.add_metrics(experiment, trial_id, step, {"train/loss": 1 / step, "eval/accuracy": 0.5, "eval/loss": 0.7,
                                                "eval/macro_f1": 0.5})
             store.upsert_trial(record)
             rows, points = rows + 2, points + 4

@@ -2,6 +2,8 @@
 over seeds and its costs; the winner and the methods tied with it are marked."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pandas as pd
 import streamlit as st
 
@@ -28,7 +30,7 @@ def shown(summary: pd.DataFrame) -> pd.DataFrame:
         "peak_memory_mib": summary["peak_memory_bytes"] / widgets.MIB,
         "train_seconds": summary["train_seconds"], "samples_per_second": summary["samples_per_second"],
         "hparams": summary["hparams"], "best_trial": summary["best_trial"],
-        "open": "trial?trial=" + summary["best_trial"],
+        "open": "trial?experiment=" + summary["experiment"].map(quote) + "&trial=" + summary["best_trial"],
     })
 
 

@@ -106,10 +106,15 @@ def trial_choices(url: str, filters: Filters) -> tuple[pd.DataFrame, int]:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def trial(url: str, trial_id: str) -> dict[str, Any] | None:
-    return _read(url, queries.trial, trial_id)
+def experiments_of(url: str, trial_id: str) -> list[str]:
+    return _read(url, queries.experiments_of, trial_id)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def curves(url: str, trial_id: str) -> pd.DataFrame:
-    return _read(url, queries.curves, trial_id)
+def trial(url: str, experiment: str, trial_id: str) -> dict[str, Any] | None:
+    return _read(url, queries.trial, experiment, trial_id)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def curves(url: str, experiment: str, trial_id: str) -> pd.DataFrame:
+    return _read(url, queries.curves, experiment, trial_id)

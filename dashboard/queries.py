@@ -63,7 +63,7 @@ trials_view = table(
 )
 curves_view = table(
     "dashboard_curves",
-    column("trial_id", String), column("step", Integer), column("name", String),
+    column("experiment", String), column("trial_id", String), column("step", Integer), column("name", String),
     column("value", Float),
 )
 
@@ -362,18 +362,26 @@ def trial_choices(connection: Connection, filters: Filters, limit: int) -> tuple
     return _frame(connection, query), int(total)
 
 
-def trial(connection: Connection, trial_id: str) -> dict[str, Any] | None:
+def experiments_of(connection: Connection, trial_id: str) -> list[str]:
+    """The experiments holding a trial with this id (Ray's ids are unique within one only)."""
+    t = trials_view
+    query = select(t.c.experiment).where(t.c.trial_id == trial_id).order_by(t.c.experiment)
+    return list(connection.execute(query).scalars())
+
+
+def trial(connection: Connection, experiment: str, trial_id: str) -> dict[str, Any] | None:
+    t = trials_view
     row = connection.execute(
-        select(trials_view).where(trials_view.c.trial_id == trial_id)
+        select(t).where(t.c.experiment == experiment, t.c.trial_id == trial_id)
     ).mappings().one_or_none()
     return None if row is None else dict(row)
 
 
-def curves(connection: Connection, trial_id: str) -> pd.DataFrame:
+def curves(connection: Connection, experiment: str, trial_id: str) -> pd.DataFrame:
     c = curves_view
     query = (
         select(c.c.step, c.c.name, c.c.value)
-        .where(c.c.trial_id == trial_id)
+        .where(c.c.experiment == experiment, c.c.trial_id == trial_id)
         .order_by(c.c.name, c.c.step)
     )
     return _frame(connection, query)

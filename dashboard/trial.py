@@ -25,18 +25,28 @@ def render() -> None:
                           placeholder="paste a trial id, or leave empty to pick one below").strip()
     if typed:
         trial_id = typed
+        # Ray's trial ids are unique within one experiment only: ask which one where several hold it.
+        holders = loaders.experiments_of(ctx.url, trial_id)
+        if not holders:
+            st.warning(f"No trial {trial_id!r} in the results store.")
+            return
+        wanted = st.query_params.get("experiment", "")
+        experiment = wanted if wanted in holders else holders[0]
+        if len(holders) > 1:
+            experiment = widgets.choose(f"Experiment ({len(holders)} hold trial {trial_id})", holders,
+                                        key="trial_experiment", index=holders.index(experiment))
     elif choices.empty:
         widgets.empty(widgets.NO_MATCH)
         return
     else:
-        labels = {row.trial_id: f"{row.task} · {row.method} · seed {row.seed} · {row.status} · "
-                                f"{widgets.fmt(row.objective)} · {row.trial_id} ({row.experiment})"
+        labels = {(row.experiment, row.trial_id): f"{row.task} · {row.method} · seed {row.seed} · {row.status} · "
+                                                  f"{widgets.fmt(row.objective)} · {row.trial_id} ({row.experiment})"
                   for row in choices.itertuples(index=False)}
-        trial_id = widgets.choose(f"Trial ({len(choices)} of {total} matching, most recent first)",
-                                  list(labels), key="trial_pick", format_func=labels.__getitem__)
-    row = loaders.trial(ctx.url, trial_id)
+        experiment, trial_id = widgets.choose(f"Trial ({len(choices)} of {total} matching, most recent first)",
+                                              list(labels), key="trial_pick", format_func=labels.__getitem__)
+    row = loaders.trial(ctx.url, experiment, trial_id)
     if row is None:
-        st.warning(f"No trial {trial_id!r} in the results store.")
+        st.warning(f"No trial {trial_id!r} in experiment {experiment!r}.")
         return
     st.subheader(f"{row['method']} on {row['task']} · seed {row['seed']} · {row['status']}")
     st.caption(f"{row['experiment']} · model {row['model']} · domain {row['domain']} · "
@@ -62,7 +72,7 @@ def render() -> None:
     elif row["mlflow_run_id"]:
         where = f" with `mlflow ui --backend-store-uri {ctx.tracking_uri}`" if ctx.tracking_uri else ""
         st.caption(f"MLflow run `{row['mlflow_run_id']}`: open it{where}.")
-    points = loaders.curves(ctx.url, trial_id)
+    points = loaders.curves(ctx.url, experiment, trial_id)
     if points.empty:
         widgets.empty("No metric curve recorded for this trial.")
     else:

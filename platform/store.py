@@ -75,7 +75,8 @@ class ExperimentRecord:
 @dataclass(kw_only=True)
 class TrialRecord:
     trial_id: str
-    """The Ray trial id: writing the same id again replaces the row."""
+    """The Ray trial id, unique within its experiment: writing the same (experiment, trial id)
+    again replaces the row."""
     experiment: str
     """The experiment's name."""
     task: str
@@ -104,6 +105,8 @@ class TrialRecord:
     node: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    restarts: int = 0
+    """How often the trial continued from its last checkpoint after its worker died."""
 
 
 @dataclass(kw_only=True)
@@ -368,7 +371,7 @@ class ResultsStore:
     # -- trials --------------------------------------------------------------------------------
 
     def upsert_trial(self, record: TrialRecord) -> None:
-        """Insert or fully replace the trial with this trial_id: safe to call at every update."""
+        """Insert or fully replace the trial with this (experiment, trial id): safe to call at every update."""
         with self._session() as session:
             values = asdict(record)
             values["experiment_id"] = self._find_experiment(session, values.pop("experiment")).id
@@ -377,25 +380,28 @@ class ResultsStore:
             stmt = self._insert(Trial).values(values)
             session.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=[Trial.trial_id],
-                    set_={key: stmt.excluded[key] for key in values if key != "trial_id"},
+                    index_elements=[Trial.experiment_id, Trial.trial_id],
+                    set_={key: stmt.excluded[key] for key in values if key not in ("experiment_id", "trial_id")},
                 )
             )
 
-    def add_metrics(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+    def add_metrics(self, experiment: str, trial_id: str, step: int, metrics: dict[str, float]) -> None:
         """Record metric points at one step; writing a (step, name) again replaces its value."""
         if not metrics:
             return
         with self._session() as session:
+            experiment_id = self._find_experiment(session, experiment).id
             stmt = self._insert(TrialMetric).values(
                 [
-                    {"trial_id": trial_id, "step": step, "name": name, "value": _finite(value)}
+                    {"experiment_id": experiment_id, "trial_id": trial_id, "step": step, "name": name,
+                     "value": _finite(value)}
                     for name, value in metrics.items()
                 ]
             )
             session.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=[TrialMetric.trial_id, TrialMetric.step, TrialMetric.name],
+                    index_elements=[TrialMetric.experiment_id, TrialMetric.trial_id, TrialMetric.step,
+                                    TrialMetric.name],
                     set_={"value": stmt.excluded.value},
                 )
             )
@@ -403,7 +409,7 @@ class ResultsStore:
     def trials(
         self, experiment: str | None = None, *, status: TrialStatus | None = None
     ) -> list[TrialRecord]:
-        query = select(Trial, Experiment.name).join(Experiment).order_by(Trial.trial_id)
+        query = select(Trial, Experiment.name).join(Experiment).order_by(Trial.experiment_id, Trial.trial_id)
         if experiment is not None:
             query = query.where(Experiment.name == experiment)
         if status is not None:
@@ -411,17 +417,19 @@ class ResultsStore:
         with self._session() as session:
             return [_trial_record(trial, name) for trial, name in session.execute(query)]
 
-    def get_trial(self, trial_id: str) -> TrialRecord | None:
-        query = select(Trial, Experiment.name).join(Experiment).where(Trial.trial_id == trial_id)
+    def get_trial(self, experiment: str, trial_id: str) -> TrialRecord | None:
+        query = select(Trial, Experiment.name).join(Experiment).where(
+            Experiment.name == experiment, Trial.trial_id == trial_id)
         with self._session() as session:
             row = session.execute(query).one_or_none()
             return None if row is None else _trial_record(*row)
 
-    def metrics(self, trial_id: str) -> list[tuple[int, str, float | None]]:
+    def metrics(self, experiment: str, trial_id: str) -> list[tuple[int, str, float | None]]:
         """(step, name, value) points of one trial by step then name; None stands for NaN/inf."""
         query = (
             select(TrialMetric.step, TrialMetric.name, TrialMetric.value)
-            .where(TrialMetric.trial_id == trial_id)
+            .join(Experiment, Experiment.id == TrialMetric.experiment_id)
+            .where(Experiment.name == experiment, TrialMetric.trial_id == trial_id)
             .order_by(TrialMetric.step, TrialMetric.name)
         )
         with self._session() as session:

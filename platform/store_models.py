@@ -14,6 +14,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     String,
@@ -79,10 +80,11 @@ class Trial(Base):
         Index("ix_trials_status", "status"),
     )
 
-    trial_id: Mapped[str] = mapped_column(String, primary_key=True)
+    # Ray's trial ids are unique within one experiment only.
     experiment_id: Mapped[int] = mapped_column(
-        Integer, ForeignKey("experiments.id", ondelete="CASCADE")
+        Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
     )
+    trial_id: Mapped[str] = mapped_column(String, primary_key=True)
     task: Mapped[str] = mapped_column(String)
     domain: Mapped[str | None] = mapped_column(String)
     dataset: Mapped[str] = mapped_column(String)
@@ -108,14 +110,19 @@ class Trial(Base):
     node: Mapped[str | None] = mapped_column(String)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How often the trial continued from its last checkpoint after its worker died."""
 
 
 class TrialMetric(Base):
     __tablename__ = "trial_metrics"
-
-    trial_id: Mapped[str] = mapped_column(
-        String, ForeignKey("trials.trial_id", ondelete="CASCADE"), primary_key=True
+    __table_args__ = (
+        ForeignKeyConstraint(["experiment_id", "trial_id"], ["trials.experiment_id", "trials.trial_id"],
+                             ondelete="CASCADE", name="fk_trial_metrics_trial"),
     )
+
+    experiment_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[str] = mapped_column(String, primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String, primary_key=True)
     # Nullable: a diverged run's NaN/inf loss is kept as a point with no value (see store._finite).

@@ -109,7 +109,7 @@ def write_fixture_store(url: str) -> list[TrialRecord]:
     for record in trials:
         store.upsert_trial(record)
     for step, metrics in CURVE.items():
-        store.add_metrics(CURVED, step, metrics)
+        store.add_metrics("cross", CURVED, step, metrics)
     store.close()
     return trials
 
@@ -462,7 +462,7 @@ def read_all(url: str) -> dict[str, pd.DataFrame]:
             "leaderboard": queries.leaderboard_seeds(connection, everything),
             "pareto": queries.pareto_points(connection, everything, None),
             "failures": queries.failures(connection, Filters(experiment=("all-failed",))),
-            "curves": queries.curves(connection, CURVED),
+            "curves": queries.curves(connection, "cross", CURVED),
             "choices": queries.trial_choices(connection, Filters(method=("lora",)), 100)[0],
         }
     engine.dispose()

@@ -114,7 +114,7 @@ def known_numbers(trials) -> dict[str, tuple[str, str, str]]:
         "domains": ("domains", "Methods x domains", "1.00"),
         "pareto": ("pareto", "Pareto", f"of {len(fomc_trials)} trials are on the Pareto front"),
         "sensitivity": ("sensitivity", "Sensitivity", f"{max(bitfit):.4f}"),
-        "trial": (f"trial?trial={CURVED}", "Trial", f"{curved.objective:.4f}"),
+        "trial": (f"trial?experiment=cross&trial={CURVED}", "Trial", f"{curved.objective:.4f}"),
     }
 
 

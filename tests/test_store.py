@@ -8,6 +8,7 @@ import math
 import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -140,7 +141,7 @@ def test_upsert_trial_is_idempotent_and_last_write_wins(store: ResultsStore) -> 
         method="lora", seed=0, hparams={}, status=TrialStatus.PENDING,
     )
     store.upsert_trial(pending)
-    assert store.get_trial("t1") == pending
+    assert store.get_trial("sweep", "t1") == pending
     store.upsert_trial(make_trial("t1", status=TrialStatus.RUNNING, started_at=started))
     failed = make_trial(
         "t1", status=TrialStatus.FAILED, error="OOM", objective=0.7, started_at=started, node="n1"
@@ -148,7 +149,7 @@ def test_upsert_trial_is_idempotent_and_last_write_wins(store: ResultsStore) -> 
     store.upsert_trial(failed)
     [trial] = store.trials("sweep")
     assert trial == failed
-    assert store.get_trial("t1") == trial and store.get_trial("missing") is None
+    assert store.get_trial("sweep", "t1") == trial and store.get_trial("sweep", "missing") is None
     assert store.trials(status=TrialStatus.RUNNING) == []
 
 
@@ -157,19 +158,19 @@ def test_non_finite_values_are_stored_as_null(store: ResultsStore) -> None:
     store.upsert_trial(
         make_trial("t1", objective=math.nan, final_metrics={"loss": math.inf, "acc": 0.5})
     )
-    trial = store.get_trial("t1")
+    trial = store.get_trial("sweep", "t1")
     assert trial.objective is None and trial.final_metrics == {"loss": None, "acc": 0.5}
-    store.add_metrics("t1", 10, {"loss": math.nan})
-    assert store.metrics("t1") == [(10, "loss", None)]
+    store.add_metrics("sweep", "t1", 10, {"loss": math.nan})
+    assert store.metrics("sweep", "t1") == [(10, "loss", None)]
 
 
 def test_add_metrics_replaces_a_rewritten_point(store: ResultsStore) -> None:
     make_experiment(store)
     store.upsert_trial(make_trial("t1"))
-    store.add_metrics("t1", 1, {"loss": 1.0, "eval/accuracy": 0.5})
-    store.add_metrics("t1", 1, {"loss": 0.9})
-    store.add_metrics("t1", 2, {"loss": 0.8})
-    assert store.metrics("t1") == [(1, "eval/accuracy", 0.5), (1, "loss", 0.9), (2, "loss", 0.8)]
+    store.add_metrics("sweep", "t1", 1, {"loss": 1.0, "eval/accuracy": 0.5})
+    store.add_metrics("sweep", "t1", 1, {"loss": 0.9})
+    store.add_metrics("sweep", "t1", 2, {"loss": 0.8})
+    assert store.metrics("sweep", "t1") == [(1, "eval/accuracy", 0.5), (1, "loss", 0.9), (2, "loss", 0.8)]
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -201,13 +202,66 @@ def test_leaderboard_picks_best_finished_trial_per_pair(store: ResultsStore, mod
         store.leaderboard("typo")
 
 
-def test_delete_experiment_cascades_to_trials_and_metrics(store: ResultsStore) -> None:
+def test_delete_experiment_cascades_to_trials_and_metrics(store: ResultsStore, empty_url: str) -> None:
     make_experiment(store)
     store.upsert_trial(make_trial("t1"))
-    store.add_metrics("t1", 1, {"loss": 1.0})
+    store.add_metrics("sweep", "t1", 1, {"loss": 1.0})
     store.delete_experiment("sweep")
     assert store.get_experiment("sweep") is None
-    assert store.trials() == [] and store.metrics("t1") == []
+    assert store.trials() == [] and store.metrics("sweep", "t1") == []
+    engine = create_engine(empty_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM trial_metrics").scalar_one() == 0
+    engine.dispose()
+
+
+def test_a_trial_id_is_unique_within_its_experiment_only(store: ResultsStore) -> None:
+    make_experiment(store, "first")
+    make_experiment(store, "second")
+    store.upsert_trial(make_trial("t1", experiment="first", objective=0.1))
+    store.upsert_trial(make_trial("t1", experiment="second", objective=0.2))
+    store.add_metrics("first", "t1", 1, {"loss": 1.0})
+    store.add_metrics("second", "t1", 1, {"loss": 2.0})
+    # Ray reuses 8-hex ids across experiments: each keeps its own row and its own curve.
+    assert [(t.experiment, t.objective) for t in store.trials()] == [("first", 0.1), ("second", 0.2)]
+    assert store.get_trial("first", "t1").objective == 0.1
+    assert store.metrics("second", "t1") == [(1, "loss", 2.0)]
+    store.delete_experiment("first")
+    assert [(t.experiment, t.trial_id) for t in store.trials()] == [("second", "t1")]
+    assert store.metrics("second", "t1") == [(1, "loss", 2.0)]
+
+
+def test_migration_0003_keeps_the_rows_of_an_older_store(empty_url: str) -> None:
+    from alembic import command
+
+    if empty_url.startswith("sqlite:///"):
+        Path(empty_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(empty_url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0002")
+        connection.exec_driver_sql(
+            "INSERT INTO experiments (id, name, spec, spec_hash, created_at, updated_at, status, metric, mode, "
+            "code_version, package_versions) VALUES (7, 'old', '{}', 'h', '2025-01-01 00:00:00+00:00', "
+            "'2025-01-01 00:00:00+00:00', 'COMPLETED', 'eval/accuracy', 'max', 'abc', '{}')")
+        connection.exec_driver_sql(
+            "INSERT INTO trials (trial_id, experiment_id, task, dataset, model, method, seed, hparams, status, "
+            "objective, final_metrics, best_metrics) VALUES ('a1b2c3d4', 7, 'sst2', 'sst2', 'minilm', 'lora', 0, "
+            "'{\"r\": 8}', 'COMPLETED', 0.9, '{}', '{}')")
+        connection.exec_driver_sql(
+            "INSERT INTO trial_metrics (trial_id, step, name, value) VALUES ('a1b2c3d4', 5, 'eval/accuracy', 0.9)")
+    engine.dispose()
+
+    store = ResultsStore(empty_url)  # migrates to the current revision
+    [trial] = store.trials("old")
+    assert (trial.trial_id, trial.hparams, trial.objective, trial.restarts) == ("a1b2c3d4", {"r": 8}, 0.9, 0)
+    assert store.metrics("old", "a1b2c3d4") == [(5, "eval/accuracy", 0.9)]
+    store.close()
+    engine = create_engine(empty_url)
+    with engine.connect() as connection:
+        curves = connection.exec_driver_sql("SELECT experiment, trial_id, step FROM dashboard_curves").all()
+        assert [tuple(row) for row in curves] == [("old", "a1b2c3d4", 5)]
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM dashboard_trials").scalar_one() == 1
+    engine.dispose()
 
 
 def test_read_only_store_refuses_writes(store: ResultsStore, empty_url: str) -> None:
@@ -250,3 +304,24 @@ def test_readers_leave_a_sqlite_store_byte_identical(tmp_path):
 
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.db"]
+
+
+def test_migration_0003_downgrades_only_while_trial_ids_are_unique(empty_url: str) -> None:
+    from alembic import command
+
+    store = ResultsStore(empty_url)
+    make_experiment(store, "first")
+    make_experiment(store, "second")
+    store.upsert_trial(make_trial("t1", experiment="first"))
+    store.add_metrics("first", "t1", 1, {"loss": 1.0})
+    store.upsert_trial(make_trial("t1", experiment="second"))
+    store.close()
+    engine = create_engine(empty_url)
+    with engine.begin() as connection, pytest.raises(RuntimeError, match="t1 is in more than one experiment"):
+        command.downgrade(_alembic_config(connection), "0002")
+    ResultsStore(empty_url).delete_experiment("second")
+    with engine.begin() as connection:
+        command.downgrade(_alembic_config(connection), "0002")
+        assert connection.exec_driver_sql("SELECT trial_id, step FROM trial_metrics").all() == [("t1", 1)]
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM dashboard_curves").scalar_one() == 1
+    engine.dispose()

@@ -6,10 +6,9 @@ Create Date: 2025-01-02
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from alembic import op
+
+from peftlab.sql import view_statements
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -17,17 +16,11 @@ branch_labels: str | None = None
 depends_on: str | None = None
 
 # The SQL lives beside the other storage contracts, in sql/views/, one file per revision.
-VIEWS_SQL = Path(__file__).resolve().parents[2] / "views" / "0002_dashboard.sql"
-
-
-def statements(text: str) -> list[str]:
-    """The file's statements: comment lines dropped, split on the ';' that ends each one."""
-    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
-    return [part.strip() for part in re.split(r";\s*(?:\n|$)", body) if part.strip()]
+VIEWS_SQL = "0002_dashboard.sql"
 
 
 def upgrade() -> None:
-    for statement in statements(VIEWS_SQL.read_text()):
+    for statement in view_statements(VIEWS_SQL):
         op.execute(statement)
 
 
