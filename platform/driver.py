@@ -281,7 +281,8 @@ def best_configs(store: ResultsStore, spec: ExperimentSpec, task_plan: TaskPlan)
     return {m: t.hparams for m, t in best.items()}, done
 
 
-def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, finished: dict[str, str] | None = None):
+def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, tracking_uri: str, finished: dict[str, str] | None = None):
+    import ray
     from ray import tune
 
     from peftlab.workers.trial import TrialContext, run_trial
@@ -292,6 +293,7 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, finished: dict[str, st
         adapters_dir=str(settings.adapters_dir()), data_dir=str(data_dir) if data_dir else None,
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
         model_dtype=spec.model_dtype, quantization=spec.quantization, finished=finished or {},
+        tracking_uri=tracking_uri, driver_node=ray.get_runtime_context().get_node_id(),
     )
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import run_distributed_trial
@@ -330,7 +332,8 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         # driver died between the two): they are handed their status instead of a re-run.
         finished = {t.trial_id: t.status.value for t in store.trials(spec.name)
                     if t.task == label and t.status in FINISHED}
-        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, finished), resume_unfinished=True)
+        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, tracker.uri, finished),
+                                   resume_unfinished=True)
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,
@@ -342,7 +345,7 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, {what}, up to "
                       f"{concurrent} at once")
         tuner = tune.Tuner(
-            _trainable(spec, task_plan),
+            _trainable(spec, task_plan, tracker.uri),
             tune_config=tune.TuneConfig(
                 search_alg=build_search_alg(spec, task_plan),
                 scheduler=build_scheduler(spec, task_plan) if phase == SEARCH else FIFOScheduler(),
@@ -354,7 +357,9 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
                 name=path.name,
                 storage_path=str(path.parent),
                 callbacks=[recorder, SweepProgress(task_plan)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A died trial starts again from its last checkpoint; only the last one is kept.
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
             ),
         )

@@ -1,7 +1,7 @@
 """A Ray Tune callback that records every trial in the results store and in MLflow.
 
 It runs in the driver process, so both SQLite databases have exactly one writer; rows are
-keyed by the Ray trial id and upserted, so a retried or resumed trial never duplicates.
+keyed by (experiment, Ray trial id) and upserted, so a retried or resumed trial never duplicates.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from peftlab import settings
 from peftlab.search import TaskPlan
 from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
@@ -36,6 +37,13 @@ def error_reason(trial) -> str:
     return re.sub(r"^(?:[\w]+\.)+(?=\w+(?:Error|Exception|Loss)?:)", "", lines[-1])
 
 
+def _summary(record: TrialRecord) -> dict[str, float]:
+    """The run's final/ metrics: the last evaluation and the costs."""
+    summary = {k: v for k, v in (record.final_metrics or {}).items() if k != "step"}
+    summary.update({k: getattr(record, k) for k in COST_KEYS if getattr(record, k) is not None})
+    return summary
+
+
 _CONNECTIONS: dict[str, tuple[ResultsStore, Tracker]] = {}
 
 
@@ -57,8 +65,10 @@ class Recorder(Callback):
         self.runs: dict[str, str] = {}
         self.finished_before: set[str] = set()
         """Trials the store had as finished when Tune (restored) started them again: left alone."""
-        self.logged: dict[str, int] = {}
-        """Trial id -> the last step whose curve points are already in the store and MLflow."""
+        self.stored: dict[str, int] = {}
+        self.tracked: dict[str, int] = {}
+        """Trial id -> the last step whose curve points are already in the store, in MLflow: a driver
+        may die between the two writes, so each is counted on its own."""
 
     # Tune pickles its callbacks with the experiment state (for `peftlab resume`), so the
     # recorder holds no connection (nor any password): the driver binds them by name.
@@ -84,25 +94,38 @@ class Recorder(Callback):
                 "peftlab.model": self.model, "peftlab.spec_hash": self.spec_hash,
                 "peftlab.trial_id": trial.trial_id, "peftlab.phase": self.phase}
         # A trial restarted by `peftlab resume` keeps its row and its MLflow run.
-        known = self.store.get_trial(trial.trial_id)
+        known = self.store.get_trial(self.experiment, trial.trial_id)
         if known is not None and known.status in FINISHED:
             self.finished_before.add(trial.trial_id)
+            if known.mlflow_run_id:
+                # The driver may have died between the store's row and the MLflow run's end.
+                adapter = settings.adapters_dir() / self.experiment / trial.trial_id
+                self.tracker.finish_if_running(known.mlflow_run_id, MLFLOW_STATUS[known.status],
+                                               summary=_summary(known), artifact_dir=str(adapter))
             return
         # Its restart reports steps again from the first: each step's points are kept once.
-        self.logged[trial.trial_id] = max((step for step, _, _ in self.store.metrics(trial.trial_id)), default=0)
-        run_id = known.mlflow_run_id if known else None
+        self.stored[trial.trial_id] = max((step for step, _, _ in self.store.metrics(self.experiment, trial.trial_id)),
+                                          default=0)
+        # Known from the store, or from MLflow alone when the driver died between the two writes.
+        run_id = known.mlflow_run_id if known else self.tracker.find_run(trial.trial_id)
         if run_id:
             self.tracker.set_status(run_id, "RUNNING")  # an interrupted sweep left it KILLED
+            self.tracked[trial.trial_id] = self.tracker.last_step(run_id)
         else:
             run_id = self.tracker.start_run(f"{task.label}-{method.name}-{trial.trial_id}", tags,
                                             {"method": method.name, "seed": seed, **hparams, **self.run_params})
         self.runs[trial.trial_id] = run_id
-        record = TrialRecord(
-            trial_id=trial.trial_id, experiment=self.experiment, task=task.label,
-            domain=task.domain, dataset=task.dataset, model=self.model, method=method.name,
-            seed=seed, hparams=hparams, status=TrialStatus.RUNNING, mlflow_run_id=run_id,
-            started_at=datetime.now(timezone.utc), final_metrics={}, best_metrics={},
-        )
+        if known is not None:
+            # A retry or a resume continues from a checkpoint: what was evaluated before it stays.
+            record = known
+            record.status, record.mlflow_run_id = TrialStatus.RUNNING, run_id
+        else:
+            record = TrialRecord(
+                trial_id=trial.trial_id, experiment=self.experiment, task=task.label,
+                domain=task.domain, dataset=task.dataset, model=self.model, method=method.name,
+                seed=seed, hparams=hparams, status=TrialStatus.RUNNING, mlflow_run_id=run_id,
+                started_at=datetime.now(timezone.utc), final_metrics={}, best_metrics={},
+            )
         self.records[trial.trial_id] = record
         self.store.upsert_trial(record)
 
@@ -111,9 +134,12 @@ class Recorder(Callback):
         if report is None or trial.trial_id in self.finished_before:
             return
         record = self.records[trial.trial_id]
+        if report.resumed_from is not None:
+            self.tracker.set_tag(self.runs[trial.trial_id], "peftlab.resumed_from_step", str(report.resumed_from))
         curve = report.curve()
-        if report.step > self.logged.get(trial.trial_id, 0):
-            self.store.add_metrics(trial.trial_id, report.step, curve)
+        if report.step > self.stored.get(trial.trial_id, 0):
+            self.store.add_metrics(self.experiment, trial.trial_id, report.step, curve)
+        if report.step > self.tracked.get(trial.trial_id, 0):
             self.tracker.log_metrics(self.runs[trial.trial_id], curve, report.step)
         if report.is_evaluation:
             value = report.scores().get(self.plan.metric)
@@ -139,10 +165,10 @@ class Recorder(Callback):
         record.status, record.error = status, error
         record.finished_at = datetime.now(timezone.utc)
         self.store.upsert_trial(record)
-        summary = {k: v for k, v in (record.final_metrics or {}).items() if k != "step"}
-        summary.update({k: getattr(record, k) for k in COST_KEYS if getattr(record, k) is not None})
+        summary = _summary(record)
         last = TrialReport.from_result(trial.last_result)
-        artifact = last.adapter_path if last else None
+        # With a tracking server the trial uploaded its adapter itself; else it is on this machine.
+        artifact = last.adapter_path if last and not last.adapter_uri else None
         self.tracker.finish(self.runs[trial.trial_id], MLFLOW_STATUS[status], summary=summary, artifact_dir=artifact)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -150,6 +176,13 @@ class Recorder(Callback):
         last = TrialReport.from_result(trial.last_result)
         finished = last is not None and last.outcome is Outcome.COMPLETED
         self._finish(trial, TrialStatus.COMPLETED if finished else TrialStatus.EARLY_STOPPED)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """The trial's process died and Tune starts it again (from its last checkpoint)."""
+        record = self.records.get(trial.trial_id)
+        if record is not None and trial.trial_id not in self.finished_before:
+            record.restarts += 1
+            self.store.upsert_trial(record)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, TrialStatus.FAILED, error_reason(trial))

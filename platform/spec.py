@@ -110,6 +110,9 @@ class SearchSpec(_Strict):
     """ASHA: keep the top 1/reduction_factor at each rung."""
     seed: int = 0
     """Seed of the search algorithm (sampling is reproducible)."""
+    max_failures: Annotated[int, Field(ge=0, le=10)] = 1
+    """Retries of a trial whose process died (killed, out of memory, node lost); a retry continues
+    from the trial's last checkpoint. A diverged loss or a bad input is not retried."""
 
     @property
     def samples(self) -> int:
@@ -152,6 +155,9 @@ class TrainingSpec(_Strict):
     activation memory, the same batch and data order)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, slower)."""
+    checkpoint_every: Annotated[int, Field(ge=0, le=100_000_000)] = 1
+    """Save the trial's trainable state (adapter, optimizer, schedule, random state, data position)
+    every this many evaluations, 0 never: a retried or resumed trial continues from the last one."""
 
 
 class ResourcesSpec(_Strict):

@@ -1,7 +1,8 @@
 """MLflow tracking: one MLflow experiment per peftlab experiment, one run per trial.
 
 All logging happens in the driver process (see `recorder.py`), so a SQLite tracking
-database has a single writer and never hits "database is locked" (mlflow issue #6490).
+database has a single writer and never hits "database is locked" (mlflow issue #6490); only
+with a tracking server do trials upload their own adapters (workers/trial.py, `publisher`).
 """
 from __future__ import annotations
 
@@ -79,6 +80,26 @@ class Tracker:
             self.client.log_artifacts(run_id, artifact_dir, artifact_path="adapter")
         self.client.set_terminated(run_id, status=status)
 
+    def finish_if_running(self, run_id: str, status: str, *, summary: dict[str, float], artifact_dir: str) -> None:
+        """End a run that a finished trial left RUNNING; its adapter only where none is logged yet."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            return
+        logged = self.client.list_artifacts(run_id, "adapter")
+        self.finish(run_id, status, summary=summary, artifact_dir=None if logged else artifact_dir)
+
+    def find_run(self, trial_id: str) -> str | None:
+        """The run of this experiment's trial, if one was started."""
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`peftlab.trial_id` = '{trial_id}'",
+                                        max_results=1)
+        return found[0].info.run_id if found else None
+
+    def last_step(self, run_id: str) -> int:
+        """The highest step of the run's metric curves (0 for none; final/ values are not curves)."""
+        keys = [key for key in self.client.get_run(run_id).data.metrics if not key.startswith("final/")]
+        return max((m.step for key in keys for m in self.client.get_metric_history(run_id, key)), default=0)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def set_status(self, run_id: str, status: str) -> None:
         """RUNNING again when a trial restarts, KILLED when its sweep was interrupted."""

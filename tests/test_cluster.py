@@ -25,6 +25,7 @@ import requests
 import yaml
 
 from peftlab.store import ResultsStore, TrialStatus
+from test_mlflow_server import mlflow_server  # noqa: F401 - a real tracking server, as a cluster has
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,6 +42,7 @@ class RayCluster:
     gcs_port: int
     env: dict[str, str]     # a submitter's environment: token mode on, the cluster's token
     node_ids: frozenset[str]
+    homes: tuple[Path, ...]  # each node's own PEFTLAB_HOME, as on machines with no shared disk
 
 
 def free_ports(count: int) -> list[int]:
@@ -116,6 +118,7 @@ def cluster(tmp_path_factory) -> Iterator[RayCluster]:
     url = f"http://127.0.0.1:{dashboard}"
     nodes: list[subprocess.Popen] = []
     temp_dirs: list[str] = []
+    homes = (logs / "head-home", logs / "worker-home")
     try:
         for name, args in (("head", head), ("worker", worker)):
             with open(logs / f"{name}.log", "w") as log:
@@ -123,12 +126,13 @@ def cluster(tmp_path_factory) -> Iterator[RayCluster]:
                 # working_dir there, and a shared one would be unpacked twice, under a running
                 # driver. Short paths: Ray puts unix sockets there (~107 characters at most).
                 temp_dirs.append(tempfile.mkdtemp(prefix=f"peftlab-ray-{name}-", dir="/tmp"))
-                nodes.append(subprocess.Popen([RAY, "start", *args, *common, f"--temp-dir={temp_dirs[-1]}"], env=env,
-                                              stdout=log, stderr=subprocess.STDOUT))
+                node_env = {**env, "PEFTLAB_HOME": str(homes[len(nodes)])}
+                nodes.append(subprocess.Popen([RAY, "start", *args, *common, f"--temp-dir={temp_dirs[-1]}"],
+                                              env=node_env, stdout=log, stderr=subprocess.STDOUT))
             if name == "head":
                 wait_for("the dashboard", lambda: serves(f"{url}/api/authentication_mode"), nodes)
         node_ids = wait_for("two live nodes", lambda: both_nodes(url, env), nodes)
-        yield RayCluster(url, gcs, env, frozenset(node_ids))
+        yield RayCluster(url, gcs, env, frozenset(node_ids), homes)
     finally:
         stop_nodes(nodes)
         for temp_dir in temp_dirs:
@@ -199,6 +203,37 @@ def test_submit_runs_every_trial_once_across_both_nodes(cluster, tmp_path, tiny_
     logs = peftlab("logs", job_id, "--address", cluster.url, env={**cluster.env, "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"})
     assert logs.returncode == 0, logs.stderr
     assert "Leaderboard" in logs.stdout
+
+
+def test_trials_on_nodes_without_a_shared_disk_upload_their_adapters(cluster, mlflow_server, tmp_path, tiny_bert_dir,
+                                                                      sentiment_csv):
+    from mlflow.tracking import MlflowClient
+
+    name = "no-shared-disk"
+    spec = write_spec(tmp_path, name, tiny_bert_dir, sentiment_csv, max_steps=10,
+                      methods={"lora": {"r": [2, 4], "lr": 1.0e-3}, "bitfit": {"lr": [1.0e-3, 1.0e-2]}})
+    # No PEFTLAB_HOME goes with the job: the driver (on the head) and each trial use their node's own.
+    store_url = f"sqlite:///{tmp_path / 'results.db'}"
+    done = peftlab("submit", str(spec), "--address", cluster.url, "--store", store_url,
+                   "--tracking-uri", mlflow_server, env=cluster.env, timeout=480)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    trials = ResultsStore(store_url).trials(name)
+    assert len(trials) == 4 and {t.status for t in trials} == {TrialStatus.COMPLETED}
+    assert {t.node for t in trials} == cluster.node_ids
+    holders = {t.trial_id: [home for home in cluster.homes if (home / "adapters" / name / t.trial_id).is_dir()]
+               for t in trials}
+    assert all(len(found) == 1 for found in holders.values()), holders  # on the node that trained it only
+    assert {found[0] for found in holders.values()} == set(cluster.homes)
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    by_trial = {run.data.tags["peftlab.trial_id"]: run for run in runs}
+    assert set(by_trial) == {t.trial_id for t in trials}
+    for trial in trials:
+        local = Path(client.download_artifacts(by_trial[trial.trial_id].info.run_id, "adapter",
+                                               str(tmp_path / trial.trial_id)))
+        assert sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) == trial.adapter_bytes
 
 
 def test_wrong_port_wrong_job_and_missing_token_each_give_one_line(cluster):

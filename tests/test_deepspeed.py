@@ -17,7 +17,7 @@ import yaml
 
 from peftlab.errors import SpecError
 from peftlab.spec import load_spec, parse_spec
-from peftlab.store import ResultsStore, TrialStatus
+from peftlab.store import ResultsStore, TrialRecord, TrialStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -85,8 +85,8 @@ def wait_for(condition, seconds: float = 30) -> bool:
     return True
 
 
-def train_losses(store: ResultsStore, trial_id: str) -> list[float]:
-    return [value for _, name, value in store.metrics(trial_id) if name == "train/loss"]
+def train_losses(store: ResultsStore, trial: TrialRecord) -> list[float]:
+    return [value for _, name, value in store.metrics(trial.experiment, trial.trial_id) if name == "train/loss"]
 
 
 def test_two_zero2_workers_train_like_one_process(local_ray, peftlab_home, minilm_without_dropout, sentiment_csv):
@@ -98,10 +98,10 @@ def test_two_zero2_workers_train_like_one_process(local_ray, peftlab_home, minil
     [single], [zero2] = store.trials("single"), store.trials("zero2")
     assert zero2.status is TrialStatus.COMPLETED, zero2.error
     assert zero2.steps == 20
-    losses = train_losses(store, zero2.trial_id)
+    losses = train_losses(store, zero2)
     assert len(losses) == 20  # every step's loss (log_every: 1), from rank 0
     assert losses[-1] < losses[0] - 0.2, losses  # it learns
-    assert losses == pytest.approx(train_losses(store, single.trial_id), abs=1e-5)
+    assert losses == pytest.approx(train_losses(store, single), abs=1e-5)
 
     # Rank 0 reports what the single-process loop reports, costs included.
     assert zero2.final_metrics.keys() == single.final_metrics.keys()

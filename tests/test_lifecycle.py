@@ -194,3 +194,43 @@ def test_gpu_benchmark_script_runs_shrunk_on_the_cpu():
     for name in ("lora fp32", "lora bf16", "lora bf16 + grad. checkpointing", "full fine-tuning bf16"):
         assert name in lines and "skipped" not in lines[name], done.stdout
     assert "skipped: needs a CUDA GPU" in lines["qlora 4-bit nf4 + grad. checkpointing"]
+
+
+def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_bert_dir, sentiment_csv, tmp_path):
+    from peftlab.workers import checkpoint
+
+    # Dropout on (tiny BERT's and LoRA's): equal results need the random state restored too.
+    training = {"max_steps": 30, "batch_size": 16, "eval_every": 10, "checkpoint_every": 1}
+    hparams = {"r": 4, "dropout": 0.1, "lr": 5e-3}
+    owner = {"experiment": "loop", "trial_id": "t1"}
+
+    def loop(trial, **extra) -> tuple[list[TrialReport], dict[int, Path]]:
+        records, saved = [], {}
+
+        def keep(record: TrialReport, state: dict) -> None:
+            saved[record.step] = checkpoint.write(state, tmp_path / f"{id(trial)}-{record.step}", owner)
+            records.append(record)
+
+        stepper = Stepper(trial.model, trial.settings, trial.device)
+        TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+                  report=records.append, save=None, adapter_dir=None, checkpoint=keep,
+                  checkpoint_every=training["checkpoint_every"], **extra).train()
+        return records, saved
+
+    whole = prepared(tiny_bert_dir, sentiment_csv, training, hparams=hparams)
+    records, saved = loop(whole)
+    assert sorted(saved) == [10, 20]  # every evaluation but the last, which ends the trial
+
+    resumed = prepared(tiny_bert_dir, sentiment_csv, training, hparams=hparams)
+    torch.manual_seed(1234)  # a new process's random state, which the checkpoint replaces
+    later, _ = loop(resumed, resume=checkpoint.read(saved[10], owner))
+    assert [r.step for r in later][0] == 11
+    assert [r.train_loss for r in later] == pytest.approx([r.train_loss for r in records if r.step > 10], abs=1e-6)
+    assert later[-1].metrics == pytest.approx(records[-1].metrics, abs=1e-6)
+    assert later[-1].costs.train_seconds > records[9].costs.train_seconds  # its time so far carried on
+    a, b = trainable(whole.model), trainable(resumed.model)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    # A checkpoint is only restored into the trial that wrote it.
+    with pytest.raises(ValueError, match="not written by trial t2"):
+        checkpoint.read(saved[10], {"experiment": "loop", "trial_id": "t2"})

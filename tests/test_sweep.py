@@ -25,11 +25,17 @@ PEFTLAB = [sys.executable, "-m", "peftlab.cli"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def run_cli(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli_env(home: Path) -> dict[str, str]:
+    """A user's environment with PEFTLAB_HOME at `home` and no store, MLflow or Ray from outside."""
     env = {**os.environ, "PEFTLAB_HOME": str(home)}
     for name in ("PEFTLAB_STORE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(name, None)
-    return subprocess.run([*PEFTLAB, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_cli(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*PEFTLAB, *args], cwd=ROOT, env=cli_env(home), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def mlflow_runs(home: Path, experiment: str):
@@ -97,11 +103,11 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert good.trainable_params == good.total_params > by_config[("lora", 1.0e-9, 2)].trainable_params
     assert good.adapter_bytes > 0 and good.peak_memory_bytes > 0 and good.train_seconds > 0
     assert good.samples_per_second > 0 and 0.0 <= good.final_metrics["eval/accuracy"] <= 1.0
-    assert good.objective == min(v for s, n, v in store.metrics(good.trial_id) if n == "eval/loss")
-    assert sorted({s for s, n, _ in store.metrics(good.trial_id) if n == "eval/accuracy"}) == [25, 50, 75]
+    assert good.objective == min(v for s, n, v in store.metrics(good.experiment, good.trial_id) if n == "eval/loss")
+    assert sorted({s for s, n, _ in store.metrics(good.experiment, good.trial_id) if n == "eval/accuracy"}) == [25, 50, 75]
     # The train loss every log_every (10) steps and at each evaluation, not only at evaluations.
     loss_steps = [10, 20, 25, 30, 40, 50, 60, 70, 75]
-    assert [s for s, n, _ in store.metrics(good.trial_id) if n == "train/loss"] == loss_steps
+    assert [s for s, n, _ in store.metrics(good.experiment, good.trial_id) if n == "train/loss"] == loss_steps
 
     client, runs = mlflow_runs(home, "e2e")
     assert set(runs) == {t.trial_id for t in trials}

@@ -17,7 +17,14 @@ from torch import nn
 from peftlab.errors import UserError
 from peftlab.spec import DeepSpeedSpec, ResourcesSpec, TrainingSpec
 from peftlab.workers.train import LoopSettings, Stepper, TrialLoop, batch_problems, optimizer_and_schedule, split
-from peftlab.workers.trial import TrialContext, adapter_dir_of, prepare_trial, replay_if_finished
+from peftlab.workers.trial import (
+    TrialContext,
+    adapter_dir_of,
+    failures_recorded,
+    prepare_trial,
+    publisher,
+    replay_if_finished,
+)
 
 
 def multi_worker_problems(methods: list[str], training: TrainingSpec, resources: ResourcesSpec, *,
@@ -67,6 +74,8 @@ def deepspeed_config(spec: DeepSpeedSpec, settings: LoopSettings, *, world_size:
 class DeepSpeedStepper(Stepper):
     """The loop's stepper for one DeepSpeed worker: the engine does backward, clipping, the
     optimizer and the schedule (at the last micro-batch of each step); ranks share each batch."""
+
+    checkpointable = False  # the engine's state is partitioned across ranks: a retry starts afresh
 
     def __init__(self, model: nn.Module, settings: LoopSettings, device: torch.device, spec: DeepSpeedSpec,
                  *, on_gpu: bool) -> None:
@@ -149,7 +158,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # rank must also run the same evaluation forwards, as each gathers parameters from all.
     TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
               report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
-              adapter_dir=Path(loop_config["adapter_dir"]), node=ray.get_runtime_context().get_node_id()).train()
+              adapter_dir=adapter_dir_of(context, loop_config["trial_id"]), node=ray.get_runtime_context().get_node_id(),
+              publish=publisher(context, loop_config["trial_id"])).train()
 
 
 _worker_groups = None
@@ -192,7 +202,7 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
         train_worker,
         train_loop_config={
             "config": config, "context": context, "deepspeed": deepspeed, "resources": resources,
-            "worker_groups": _worker_groups, "adapter_dir": str(adapter_dir_of(context, trial_id)),
+            "worker_groups": _worker_groups, "trial_id": trial_id,
         },
         scaling_config=train.ScalingConfig(num_workers=resources.workers_per_trial, use_gpu=context.gpus > 0,
                                            resources_per_worker=per_worker),
@@ -203,11 +213,12 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
             failure_config=train.FailureConfig(max_failures=0),  # Tune's own failure policy decides
         ),
     )
-    try:
-        trainer.fit()
-    except train.WorkerGroupError as exc:
-        # The worker's own exception (NonFiniteLoss, UserError) is the trial's error, lowest rank first.
-        raise exc.worker_failures[min(exc.worker_failures)] from None
+    with failures_recorded(Path(tune.get_context().get_trial_dir())):
+        try:
+            trainer.fit()
+        except train.WorkerGroupError as exc:
+            # The worker's own exception (NonFiniteLoss, UserError) is the trial's error, lowest rank first.
+            raise exc.worker_failures[min(exc.worker_failures)] from None
 
 
 # Tune builds the trial's class from these mixins and its function trainable class.

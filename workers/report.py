@@ -51,6 +51,11 @@ class TrialReport:
     """Evaluation metrics by name (accuracy, loss, drift...), without a split prefix."""
     outcome: Outcome | None = None
     adapter_path: str | None = None
+    """The adapter folder on the trial's node."""
+    adapter_uri: str | None = None
+    """Where the trial uploaded its adapter (an MLflow runs:/ URI); None where it did not."""
+    resumed_from: int | None = None
+    """On the first report after a restart: the checkpoint's step the trial continued after."""
     node: str | None = None
 
     @property

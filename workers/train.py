@@ -146,6 +146,19 @@ class Stepper:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    checkpointable = True
+    """Whether `state_dict` captures all the stepper's state (a DeepSpeed engine keeps its own)."""
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
     def save(self, save: Callable[[nn.Module, Path], None], path: Path) -> bool:
         """Save the adapter; True where this process wrote it."""
         save(self.module, path)
@@ -172,6 +185,9 @@ class Meter:
                        samples_per_second=self.examples / self.train_seconds if self.train_seconds else 0.0,
                        peak_memory_bytes=peak_memory_bytes(self.device))
 
+    def progress(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "examples": self.examples}
+
     def take_loss(self) -> float | None:
         """Mean train loss since the last call."""
         if not self.loss_count:
@@ -197,13 +213,53 @@ class TrialLoop:
     """The method's save; None saves nothing."""
     adapter_dir: Path | None
     node: str | None = None
+    publish: Callable[[Path], str | None] | None = None
+    """After the save: upload the adapter folder where the trial's runs are tracked; its URI."""
+    checkpoint: Callable[[TrialReport, dict], None] | None = None
+    """Report an evaluation together with the trainable state (see checkpoint.py); None: never."""
+    checkpoint_every: int = 0
+    """Evaluations between checkpoints; 0 never."""
+    resume: dict | None = None
+    """A captured state to continue from (its step's batches are skipped, not trained again)."""
+    _reported: bool = False
 
-    def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None, **extra) -> TrialReport:
+    def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None, state: dict | None = None,
+                **extra) -> TrialReport:
         costs = replace(meter.costs(self.static), adapter_bytes=adapter_bytes)
         record = TrialReport(step=step, max_steps=self.settings.max_steps, costs=costs,
-                             train_loss=meter.take_loss(), lr=self.stepper.lr(), node=self.node, **extra)
-        self.report(record)
+                             train_loss=meter.take_loss(), lr=self.stepper.lr(), node=self.node,
+                             resumed_from=self.resume["step"] if self.resume and not self._reported else None, **extra)
+        self._reported = True
+        if state is not None:
+            self.checkpoint(record, state)
+        else:
+            self.report(record)
         return record
+
+    def _checkpoints_at(self, step: int) -> bool:
+        """Every checkpoint_every-th evaluation before the last step (the last one saves the adapter)."""
+        if not (self.checkpoint and self.checkpoint_every and self.stepper.checkpointable):
+            return False
+        evaluations = step // self.settings.eval_every
+        return step < self.settings.max_steps and step % self.settings.eval_every == 0 \
+            and evaluations % self.checkpoint_every == 0
+
+    def _capture(self, step: int, meter: Meter) -> dict:
+        from peftlab.workers.checkpoint import capture
+
+        return capture(self.stepper.module, step, self.stepper.state_dict(), meter.progress())
+
+    def _continue(self, meter: Meter, batches: Iterator) -> int:
+        """Restore the resumed state; the step to continue after."""
+        from peftlab.workers.checkpoint import restore
+
+        state = self.resume
+        restore(self.stepper.module, state)
+        self.stepper.load_state_dict(state["stepper"])
+        meter.train_seconds, meter.examples = state["progress"]["train_seconds"], int(state["progress"]["examples"])
+        for _ in range(state["step"]):  # the same data order as an uninterrupted run
+            next(batches)
+        return state["step"]
 
     def _evaluate(self) -> dict[str, float]:
         with self.stepper.autocast():
@@ -217,6 +273,8 @@ class TrialLoop:
         extra: dict = {"metrics": {**metrics, **retention}, "outcome": Outcome.COMPLETED}
         if wrote:
             extra.update(adapter_path=str(self.adapter_dir), adapter_bytes=directory_bytes(self.adapter_dir))
+            if self.publish is not None:
+                extra["adapter_uri"] = self.publish(self.adapter_dir)
         return extra
 
     def train(self) -> TrialReport:
@@ -227,7 +285,8 @@ class TrialLoop:
         batches: Iterator = self.task.train_batches(settings.batch_size, self.seed)
         meter = Meter(stepper.device)
         record = None
-        for step in range(1, settings.max_steps + 1):
+        done = self._continue(meter, batches) if self.resume else 0
+        for step in range(done + 1, settings.max_steps + 1):
             started = time.perf_counter()
             batch = next(batches)  # the global batch: every process draws the same one
             size, local = batch_size_of(batch), stepper.local(batch)
@@ -248,6 +307,8 @@ class TrialLoop:
             if is_eval_step(step, settings):
                 metrics = self._evaluate()
                 extra = self._finish(metrics) if step == settings.max_steps else {"metrics": metrics}
+                if self._checkpoints_at(step):
+                    extra["state"] = self._capture(step, meter)
                 record = self._report(meter, step, **extra)
             elif step % settings.log_every == 0:
                 record = self._report(meter, step)

@@ -5,7 +5,14 @@ shared `TrialContext`; everything it measures goes back through `tune.report`.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,11 @@ class TrialContext:
     gpus: float
     model_dtype: str = "float32"
     quantization: QuantizationSpec | None = None
+    tracking_uri: str | None = None
+    """A tracking server's URI: the trial uploads its adapter to its MLflow run there itself."""
+    driver_node: str | None = None
+    """The driver's Ray node: Tune keeps checkpoints in the driver's local storage, which only
+    trials on that node can write (elsewhere Ray refuses it, and a retry starts afresh)."""
     finished: dict[str, str] = field(default_factory=dict)
     """Trial id -> its status in the store, for trials that finished before Tune's state was last
     saved: after a restore Tune starts them again, and they must not train twice."""
@@ -137,7 +149,104 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
 
 
 def adapter_dir_of(context: TrialContext, trial_id: str) -> Path:
-    return Path(context.adapters_dir) / context.experiment / trial_id
+    """Under the PEFTLAB_HOME of the node the trial runs on where that node sets one (nodes need no
+    shared filesystem), else under the driver's."""
+    node_home = os.environ.get("PEFTLAB_HOME")
+    root = Path(node_home).resolve() / "adapters" if node_home else Path(context.adapters_dir)
+    return root / context.experiment / trial_id
+
+
+UPLOAD_WAIT_S = 60
+
+
+def publisher(context: TrialContext, trial_id: str):
+    """With a tracking server: a function that uploads the adapter folder to this trial's MLflow
+    run and returns its runs:/ URI. A local tracking database is the driver's to write."""
+    uri = context.tracking_uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+
+    def publish(folder: Path) -> str:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(context.experiment)
+        # The driver creates the run as the trial starts; a trial that outran it waits for it.
+        deadline = time.monotonic() + UPLOAD_WAIT_S
+        while True:
+            runs = [] if experiment is None else client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`peftlab.trial_id` = '{trial_id}'", max_results=1)
+            if runs or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+            experiment = experiment or client.get_experiment_by_name(context.experiment)
+        if not runs:
+            raise RuntimeError(f"no MLflow run for trial {trial_id} at {uri} to upload its adapter to")
+        run_id = runs[0].info.run_id
+        client.log_artifacts(run_id, str(folder), artifact_path="adapter")
+        return f"runs:/{run_id}/adapter"
+
+    return publish
+
+
+FAILURE_FILE = "peftlab-failure.json"
+
+
+def _deterministic_errors() -> dict[str, type[Exception]]:
+    from peftlab.errors import UserError
+    from peftlab.workers.train import NonFiniteLoss
+
+    return {"NonFiniteLoss": NonFiniteLoss, "UserError": UserError}
+
+
+@contextlib.contextmanager
+def failures_recorded(trial_dir: Path) -> Iterator[None]:
+    """Tune retries every failed trial (search.max_failures), but a diverged loss or a bad input
+    fails the same way again: such a failure is written beside the trial, and its retry raises it at
+    once instead of training again."""
+    known = _deterministic_errors()
+    marker = trial_dir / FAILURE_FILE
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        raise known.get(found.get("type"), RuntimeError)(str(found.get("message")))
+    try:
+        yield
+    except tuple(known.values()) as exc:
+        kind = next(name for name, cls in known.items() if isinstance(exc, cls))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"type": kind, "message": str(exc)}))
+        raise
+
+
+def checkpoint_reporter(owner: dict[str, str]):
+    """Report an evaluation to Tune with the trainable state as the trial's checkpoint."""
+    from ray import tune
+
+    from peftlab.workers import checkpoint
+
+    def report(record: TrialReport, state: dict) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="peftlab-checkpoint-"))
+        try:
+            checkpoint.write(state, folder, owner)
+            # Tune persists the folder into the trial's storage before report returns.
+            tune.report(record.to_result(), checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return report
+
+
+def resumed_state(owner: dict[str, str]) -> dict | None:
+    """The state of the trial's last checkpoint, when Tune restarts it (a retry, a resume)."""
+    from ray import tune
+
+    from peftlab.workers import checkpoint
+
+    found = tune.get_checkpoint()
+    if found is None:
+        return None
+    with found.as_directory() as folder:
+        return checkpoint.read(Path(folder), owner)
 
 
 def run_trial(config: dict, context: TrialContext) -> None:
@@ -147,13 +256,19 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     from peftlab.workers.train import Stepper, TrialLoop
 
-    if replay_if_finished(context, tune.get_context().get_trial_id(), lambda record: tune.report(record.to_result())):
+    trial_id = tune.get_context().get_trial_id()
+    if replay_if_finished(context, trial_id, lambda record: tune.report(record.to_result())):
         return
-    trial = prepare_trial(config, context)
-    model, method = trial.model, trial.method
-    stepper = Stepper(model, trial.settings, trial.device,
-                      after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
-    TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
-              report=lambda record: tune.report(record.to_result()), save=method.save,
-              adapter_dir=adapter_dir_of(context, tune.get_context().get_trial_id()),
-              node=ray.get_runtime_context().get_node_id()).train()
+    with failures_recorded(Path(tune.get_context().get_trial_dir())):
+        trial = prepare_trial(config, context)
+        model, method = trial.model, trial.method
+        stepper = Stepper(model, trial.settings, trial.device,
+                          after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
+        owner = {"experiment": context.experiment, "trial_id": trial_id}
+        node = ray.get_runtime_context().get_node_id()
+        local_storage = context.driver_node in (None, node)
+        TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+                  report=lambda record: tune.report(record.to_result()), save=method.save,
+                  adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
+                  checkpoint=checkpoint_reporter(owner) if local_storage else None,
+                  checkpoint_every=context.training.checkpoint_every, resume=resumed_state(owner)).train()

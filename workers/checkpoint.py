@@ -1,0 +1,75 @@
+"""A trial's trainable state at an evaluation, and how it is written to and read from a folder:
+what a retried or resumed trial continues from, so it loses at most one checkpoint interval.
+
+The state is tensors, numbers and lists only (read back with `weights_only`, so nothing in it can
+run code), beside an owner record naming the experiment and trial it belongs to.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE_FILE = "trainable_state.pt"
+OWNER_FILE = "peftlab-checkpoint.json"
+
+
+def capture(module: nn.Module, step: int, stepper_state: dict[str, Any], progress: dict[str, float]) -> dict[str, Any]:
+    """What training needs to continue after `step`: trainable parameters and every buffer (batch
+    norm statistics move even when frozen), the stepper's optimizer/schedule/scaler, the random
+    states and the loop's progress counters. Frozen weights come from the model as loaded."""
+    version, internal, gauss = random.getstate()
+    return {
+        "step": step,
+        "parameters": {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad},
+        "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers()},
+        "stepper": stepper_state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": [version, list(internal), gauss],
+        "progress": dict(progress),
+    }
+
+
+def restore(module: nn.Module, state: dict[str, Any]) -> None:
+    """Put the captured parameters, buffers and random states back (the stepper restores its own)."""
+    parameters, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    missing = [name for name in state["parameters"] if name not in parameters]
+    missing += [name for name in state["buffers"] if name not in buffers]
+    if missing:
+        raise ValueError(f"checkpoint does not match the model: no {missing[0]} in it")
+    with torch.no_grad():
+        for name, value in state["parameters"].items():
+            parameters[name].copy_(value)
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def write(state: dict[str, Any], folder: Path, owner: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / STATE_FILE)
+    (folder / OWNER_FILE).write_text(json.dumps(owner, sort_keys=True))
+    return folder
+
+
+def read(folder: Path, owner: dict[str, str]) -> dict[str, Any]:
+    """The state in `folder`, only if its owner record is this trial's (a planted or foreign
+    checkpoint is refused); loaded without unpickling anything but tensors and plain values."""
+    record = folder / OWNER_FILE
+    try:
+        found = json.loads(record.read_text())
+    except (OSError, ValueError):
+        found = None
+    if found != owner:
+        raise ValueError(f"checkpoint {folder} was not written by trial {owner.get('trial_id')} "
+                         f"of experiment {owner.get('experiment')}; it is not restored")
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
