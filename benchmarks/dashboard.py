@@ -1,4 +1,5 @@
-"""Dashboard speed on a big store: 100,000 synthetic trials over 20 experiments in SQLite.
+"""Dashboard speed on a big store: 100,000 synthetic trials over 20 experiments and 5 million
+metric points in SQLite.
 
 Times each page's queries on a fresh read-only engine (goal < 1 s each) and each page's full
 render through Streamlit's AppTest, cold (caches cleared) and warm (goal < 2 s).
@@ -44,6 +45,11 @@ PAGES = [("overview.py", "Overview"), ("leaderboard.py", "Leaderboard"), ("domai
 STATUSES = ["COMPLETED"] * 70 + ["EARLY_STOPPED"] * 20 + ["FAILED"] * 8 + ["RUNNING"] * 2
 
 
+CURVE_STEPS = range(10, 301, 10)
+CURVE_NAMES = ("eval/accuracy", "train/loss")
+POINTS_PER_CURVE = len(CURVE_STEPS) * len(CURVE_NAMES)
+
+
 def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) -> None:
     """Synthetic experiments through the store API, trials and curves as bulk inserts into
     the same tables (one transaction each), the way the recorder's rows look."""
@@ -55,7 +61,7 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     engine = create_engine(url)
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    rows, points = [], []
+    rows = []
     per_experiment = trials // experiments
     with engine.begin() as connection:
         ids = dict(connection.execute(select(Experiment.name, Experiment.id)).all())
@@ -89,15 +95,18 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
                         mlflow_run_id=f"run{len(rows)}", node="node-1", started_at=begun,
                         finished_at=None if status == "RUNNING" else begun + timedelta(minutes=9),
                     ))
-                    if len(rows) <= curves:
-                        points += [dict(trial_id=rows[-1]["trial_id"], step=step, name=name,
-                                        value=float(rng.uniform(0.3, 0.9)))
-                                   for step in range(50, 301, 50) for name in ("eval/accuracy", "train/loss")]
                     n += 1
         for chunk in range(0, len(rows), 10_000):
             connection.execute(insert(Trial), rows[chunk:chunk + 10_000])
-        for chunk in range(0, len(points), 20_000):
-            connection.execute(insert(TrialMetric), points[chunk:chunk + 20_000])
+        # Curves for the first `curves` trials (each experiment's earliest), built a chunk at a time.
+        for chunk in range(0, min(curves, len(rows)), 500):
+            points = [dict(experiment_id=row["experiment_id"], trial_id=row["trial_id"], step=step, name=name,
+                           value=float(value))
+                      for row in rows[chunk:min(chunk + 500, curves)]
+                      for step, name, value in zip(
+                          (s for s in CURVE_STEPS for _ in CURVE_NAMES), CURVE_NAMES * len(CURVE_STEPS),
+                          rng.uniform(0.3, 0.9, POINTS_PER_CURVE))]
+            connection.execute(insert(TrialMetric), points)
     engine.dispose()
 
 
@@ -117,8 +126,8 @@ def page_queries(connection, filters: Filters) -> dict[str, dict[str, Callable]]
         "Sensitivity": {"methods_on": lambda: queries.methods_on(connection, filters, first),
                         "sensitivity_trials": lambda: queries.sensitivity_trials(connection, filters, first, method)},
         "Trial": {"trial_choices": lambda: queries.trial_choices(connection, filters, 1_000),
-                  "trial": lambda: queries.trial(connection, some_trial),
-                  "curves": lambda: queries.curves(connection, some_trial)},
+                  "trial": lambda: queries.trial(connection, "bench-00", some_trial),
+                  "curves": lambda: queries.curves(connection, "bench-00", some_trial)},
     }
 
 
@@ -175,13 +184,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100_000)
     parser.add_argument("--experiments", type=int, default=20)
-    parser.add_argument("--curves", type=int, default=10_000, help="trials that get metric curves")
+    parser.add_argument("--points", type=int, default=5_000_000,
+                        help=f"metric points in all, {POINTS_PER_CURVE} per trial that has curves")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per query (median shown)")
     parser.add_argument("--store", help="reuse this SQLite file if it exists, else fill it")
     parser.add_argument("--smoke", action="store_true", help="2,000 trials over 4 experiments, once: seconds")
     args = parser.parse_args()
     if args.smoke:
-        args.trials, args.experiments, args.curves, args.repeats = 2_000, 4, 200, 1
+        args.trials, args.experiments, args.points, args.repeats = 2_000, 4, 200 * POINTS_PER_CURVE, 1
+    args.curves = args.points // POINTS_PER_CURVE
     with tempfile.TemporaryDirectory(prefix="peftlab-dash-bench-") as workdir:
         path = Path(args.store) if args.store else Path(workdir) / "results.db"
         run(f"sqlite:///{path}", path, args)
@@ -192,7 +203,7 @@ def run(url: str, path: Path, args: argparse.Namespace) -> None:
         began = time.perf_counter()
         fill(url, args.trials, args.experiments, args.curves)
         print(f"filled a SQLite store with {args.trials:,} trials over {args.experiments} experiments "
-              f"({args.curves:,} with curves) in {time.perf_counter() - began:.1f} s; "
+              f"and {args.curves * POINTS_PER_CURVE:,} metric points ({args.curves:,} trials with curves) in {time.perf_counter() - began:.1f} s; "
               f"{path.stat().st_size / 2**20:.0f} MiB")
 
     one = Filters(experiment=("bench-00",))

@@ -254,6 +254,14 @@ def test_validate_prints_the_plan(tmp_path, peftlab_home, sentiment_csv, tiny_be
     assert "r=one of 2, 4" in result.stdout
 
 
+@pytest.mark.parametrize("example", sorted(path.name for path in (ROOT / "examples").glob("*.yaml")))
+def test_every_example_validates(example, peftlab_home, data_dir):
+    # Preflight loads each task's data and model structure: every method of the example applies.
+    result = runner.invoke(app, ["validate", str(ROOT / "examples" / example)])
+    assert result.exit_code == 0, result.output
+    assert "is valid" in result.stdout
+
+
 def test_methods_lists_registry_with_formulas():
     result = runner.invoke(app, ["methods", "--format", "json"])
     assert result.exit_code == 0
