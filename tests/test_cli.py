@@ -82,6 +82,10 @@ def breakages(tmp: Path) -> dict:
                                       "resources.gpus_per_trial: above 1 must be a whole number of GPUs"),
         "accumulation beyond the batch": (lambda s: s["training"].update(batch_size=4, gradient_accumulation_steps=8),
                                           "training.batch_size: 4 is below workers_per_trial x gradient_accumulation_steps"),
+        "absurd retries": (lambda s: s["search"].update(max_failures=1000),
+                           "search.max_failures: Input should be less than or equal to 10"),
+        "negative checkpoint interval": (lambda s: s["training"].update(checkpoint_every=-1),
+                                         "training.checkpoint_every: Input should be greater than or equal to 0"),
     }
 
 
