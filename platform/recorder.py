@@ -18,7 +18,7 @@ from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus
 from peftlab.tracking import Tracker
 from peftlab.workers.methods import get_method
 from peftlab.workers.report import Outcome, TrialReport
-from peftlab.workers.trial import hparams_of, seed_of
+from peftlab.workers.trial import adapter_path, hparams_of, seed_of
 
 COST_KEYS = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
              "peak_memory_bytes", "train_seconds", "samples_per_second")
@@ -99,7 +99,7 @@ class Recorder(Callback):
             self.finished_before.add(trial.trial_id)
             if known.mlflow_run_id:
                 # The driver may have died between the store's row and the MLflow run's end.
-                adapter = settings.adapters_dir() / self.experiment / trial.trial_id
+                adapter = adapter_path(settings.adapters_dir(), self.experiment, trial.trial_id)
                 self.tracker.finish_if_running(known.mlflow_run_id, MLFLOW_STATUS[known.status],
                                                summary=_summary(known), artifact_dir=str(adapter))
             return

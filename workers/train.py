@@ -11,7 +11,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -221,7 +221,7 @@ class TrialLoop:
     """Evaluations between checkpoints; 0 never."""
     resume: dict | None = None
     """A captured state to continue from (its step's batches are skipped, not trained again)."""
-    _reported: bool = False
+    _reported: bool = field(default=False, init=False)
 
     def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None, state: dict | None = None,
                 **extra) -> TrialReport:

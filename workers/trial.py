@@ -148,12 +148,18 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     return PreparedTrial(method, hparams, seed, model, task, settings, device, static)
 
 
+def adapter_path(adapters_dir: Path, experiment: str, trial_id: str) -> Path:
+    """Where a trial's adapter lives under an adapters folder."""
+    return adapters_dir / experiment / trial_id
+
+
 def adapter_dir_of(context: TrialContext, trial_id: str) -> Path:
     """Under the PEFTLAB_HOME of the node the trial runs on where that node sets one (nodes need no
     shared filesystem), else under the driver's."""
-    node_home = os.environ.get("PEFTLAB_HOME")
-    root = Path(node_home).resolve() / "adapters" if node_home else Path(context.adapters_dir)
-    return root / context.experiment / trial_id
+    from peftlab import settings
+
+    root = settings.adapters_dir() if os.environ.get(settings.ENV_HOME) else Path(context.adapters_dir)
+    return adapter_path(root, context.experiment, trial_id)
 
 
 UPLOAD_WAIT_S = 60

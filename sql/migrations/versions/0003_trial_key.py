@@ -83,30 +83,31 @@ def _metrics_table(name: str, trials: str, *, keyed_by_experiment: bool) -> None
     )
 
 
-def _swap(old: str, new: str) -> None:
-    op.drop_table(old)
-    op.rename_table(new, old)
-
-
-def _indexes() -> None:
+def _rebuild(revision_tag: str, *, by_experiment: bool, metrics_select: str) -> None:
+    """Build the trials and trial_metrics of one revision beside the current ones, copy the rows
+    over (metrics_select yields the new metrics table's rows), swap them in, and remake the
+    indexes and revision 0002's views."""
+    trials, metrics = f"trials_{revision_tag}", f"trial_metrics_{revision_tag}"
+    _drop_views()
+    _trials_table(trials, ("experiment_id", "trial_id") if by_experiment else ("trial_id",), restarts=by_experiment)
+    op.execute(f"INSERT INTO {trials} ({TRIAL_COLUMNS}) SELECT {TRIAL_COLUMNS} FROM trials")
+    _metrics_table(metrics, trials, keyed_by_experiment=by_experiment)
+    columns = "experiment_id, trial_id, step, name, value" if by_experiment else "trial_id, step, name, value"
+    op.execute(f"INSERT INTO {metrics} ({columns}) {metrics_select}")
+    op.drop_table("trial_metrics")
+    op.drop_table("trials")
+    op.rename_table(trials, "trials")
+    op.rename_table(metrics, "trial_metrics")
     op.create_index("ix_trials_experiment_task_method", "trials", ["experiment_id", "task", "method"])
     op.create_index("ix_trials_status", "trials", ["status"])
+    for statement in view_statements("0002_dashboard.sql"):
+        op.execute(statement)
 
 
 def upgrade() -> None:
-    _drop_views()
-    _trials_table("trials_v3", ("experiment_id", "trial_id"), restarts=True)
-    op.execute(f"INSERT INTO trials_v3 ({TRIAL_COLUMNS}) SELECT {TRIAL_COLUMNS} FROM trials")
-    _metrics_table("trial_metrics_v3", "trials_v3", keyed_by_experiment=True)
-    op.execute("INSERT INTO trial_metrics_v3 (experiment_id, trial_id, step, name, value) "
-               "SELECT t.experiment_id, m.trial_id, m.step, m.name, m.value "
-               "FROM trial_metrics m JOIN trials t ON t.trial_id = m.trial_id")
-    op.drop_table("trial_metrics")
-    _swap("trials", "trials_v3")
-    op.rename_table("trial_metrics_v3", "trial_metrics")
-    _indexes()
-    for statement in view_statements("0002_dashboard.sql"):
-        op.execute(statement)
+    _rebuild("v3", by_experiment=True,
+             metrics_select="SELECT t.experiment_id, m.trial_id, m.step, m.name, m.value "
+                            "FROM trial_metrics m JOIN trials t ON t.trial_id = m.trial_id")
     op.execute("DROP VIEW dashboard_curves")
     for statement in view_statements("0003_dashboard_curves.sql"):
         op.execute(statement)
@@ -118,15 +119,4 @@ def downgrade() -> None:
         "SELECT trial_id FROM trials GROUP BY trial_id HAVING COUNT(*) > 1 LIMIT 1")).first()
     if shared is not None:
         raise RuntimeError(f"trial id {shared[0]} is in more than one experiment; revision 0002 cannot hold both")
-    _drop_views()
-    _trials_table("trials_v2", ("trial_id",), restarts=False)
-    op.execute(f"INSERT INTO trials_v2 ({TRIAL_COLUMNS}) SELECT {TRIAL_COLUMNS} FROM trials")
-    _metrics_table("trial_metrics_v2", "trials_v2", keyed_by_experiment=False)
-    op.execute("INSERT INTO trial_metrics_v2 (trial_id, step, name, value) "
-               "SELECT trial_id, step, name, value FROM trial_metrics")
-    op.drop_table("trial_metrics")
-    _swap("trials", "trials_v2")
-    op.rename_table("trial_metrics_v2", "trial_metrics")
-    _indexes()
-    for statement in view_statements("0002_dashboard.sql"):
-        op.execute(statement)
+    _rebuild("v2", by_experiment=False, metrics_select="SELECT trial_id, step, name, value FROM trial_metrics")
