@@ -399,6 +399,9 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, store_url: st
     quiet_tune_logs()
     # Tune's legacy reporter at verbose=0 prints nothing; the sweep's own display replaces it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Each trial checkpoint forces a Tune state snapshot (num_to_keep=1); Tune's warning about
+    # frequent snapshots would interleave with the display at every evaluation.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Trials report progress between evaluations, without the metric; ASHA and the searchers
     # (EvaluationsOnly) act on evaluations only, and the spec's metric was checked at validation.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
