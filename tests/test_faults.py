@@ -105,9 +105,10 @@ def test_a_killed_trial_worker_retries_from_its_checkpoint(tmp_path, tiny_bert_d
     home = tmp_path / "runs"
     driver = start(spec, home)
     try:
-        at_checkpoint = wait_until(driver, lambda: any(t.status is TrialStatus.RUNNING and (t.steps or 0) >= 600
-                                                       for t in rows(home, "retried")))
-        assert at_checkpoint, "no trial reached its second checkpoint while running"
+        # Both past their second checkpoint: whichever worker is killed has one to continue from.
+        at_checkpoint = wait_until(driver, lambda: len(now := rows(home, "retried")) == 2 and all(
+            t.status is TrialStatus.RUNNING and (t.steps or 0) >= 600 for t in now))
+        assert at_checkpoint, "the trials did not both reach their second checkpoint while running"
         workers = trial_workers(driver)
         assert workers, "no trial worker process found"
         workers[0].send_signal(signal.SIGKILL)
