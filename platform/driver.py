@@ -294,6 +294,7 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, tracking_uri: str, fin
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
         model_dtype=spec.model_dtype, quantization=spec.quantization, finished=finished or {},
         tracking_uri=tracking_uri, driver_node=ray.get_runtime_context().get_node_id(),
+        shared_storage=settings.ray_storage_shared(),
     )
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import run_distributed_trial
@@ -318,13 +319,15 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
+    from peftlab.atomic_fs import atomic_local_filesystem
     from peftlab.progress import SweepProgress
     from peftlab.recorder import Recorder, bind
 
     bind(spec.name, store, tracker)
     label = task_plan.task.label
     path = state_path(spec.name, label, phase)
-    if tune.Tuner.can_restore(path):
+    storage = atomic_local_filesystem()
+    if tune.Tuner.can_restore(str(path), storage_filesystem=storage):
         check_owned(path, spec.name, spec.spec_hash(), label, phase)
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
@@ -333,7 +336,7 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
         finished = {t.trial_id: t.status.value for t in store.trials(spec.name)
                     if t.task == label and t.status in FINISHED}
         tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, tracker.uri, finished),
-                                   resume_unfinished=True)
+                                   resume_unfinished=True, storage_filesystem=storage)
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,
@@ -356,6 +359,7 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
             run_config=tune.RunConfig(
                 name=path.name,
                 storage_path=str(path.parent),
+                storage_filesystem=storage,  # a killed driver leaves whole state files, never truncated ones
                 callbacks=[recorder, SweepProgress(task_plan)],
                 # A died trial starts again from its last checkpoint; only the last one is kept.
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),

@@ -13,6 +13,7 @@ ENV_RAY = "RAY_ADDRESS"
 ENV_RAY_API = "RAY_API_SERVER_ADDRESS"
 ENV_DATA = "PEFTLAB_DATA_DIR"
 ENV_HOME = "PEFTLAB_HOME"
+ENV_RAY_STORAGE = "PEFTLAB_RAY_STORAGE"
 
 
 def home() -> Path:
@@ -63,7 +64,15 @@ def download_cache() -> Path:
 
 
 def ray_storage() -> Path:
-    return home() / "ray"
+    """Tune's state and the trials' checkpoints. Set PEFTLAB_RAY_STORAGE to a folder every node
+    mounts at the same path (NFS and the like) and trials on every node checkpoint there."""
+    value = os.environ.get(ENV_RAY_STORAGE)
+    return Path(value).expanduser().resolve() if value else home() / "ray"
+
+
+def ray_storage_shared() -> bool:
+    """Whether the operator declared the Ray storage a folder that every node sees."""
+    return bool(os.environ.get(ENV_RAY_STORAGE))
 
 
 def adapters_dir() -> Path:

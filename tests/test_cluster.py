@@ -25,6 +25,7 @@ import requests
 import yaml
 
 from peftlab.store import ResultsStore, TrialStatus
+from peftlab.workers.checkpoint import OWNER_FILE
 from test_mlflow_server import mlflow_server  # noqa: F401 - a real tracking server, as a cluster has
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +163,12 @@ def write_spec(folder: Path, name: str, tiny_bert_dir: Path, sentiment_csv: Path
     return path
 
 
+def checkpointed(ray_storage: Path, experiment: str) -> set[str]:
+    """Trial ids that left a checkpoint under this Ray storage, read from the owner records."""
+    owners = (json.loads(p.read_text()) for p in ray_storage.rglob(OWNER_FILE))
+    return {owner["trial_id"] for owner in owners if owner["experiment"] == experiment}
+
+
 def test_unreachable_address_fails_in_seconds_with_one_line(tmp_path):
     (closed,) = free_ports(1)
     env = {name: value for name, value in os.environ.items() if name not in OUTSIDE}
@@ -178,7 +185,9 @@ def test_submit_runs_every_trial_once_across_both_nodes(cluster, tmp_path, tiny_
                       methods={"lora": {"r": [2, 4], "lr": 1.0e-3}, "bitfit": {"lr": [1.0e-3, 1.0e-2]}})
     # The store and MLflow are files on this machine, so the job's driver (on the head) can write them.
     store_url = f"sqlite:///{tmp_path / 'results.db'}"
-    env = {**cluster.env, "PEFTLAB_HOME": str(tmp_path / "runs")}
+    # A Ray storage folder that both nodes mount at one path, as an NFS share would be.
+    shared = tmp_path / "shared-ray"
+    env = {**cluster.env, "PEFTLAB_HOME": str(tmp_path / "runs"), "PEFTLAB_RAY_STORAGE": str(shared)}
 
     done = peftlab("submit", str(spec), "--address", cluster.url, "--store", store_url,
                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=env, timeout=480)
@@ -192,6 +201,9 @@ def test_submit_runs_every_trial_once_across_both_nodes(cluster, tmp_path, tiny_
     assert {t.status for t in trials} == {TrialStatus.COMPLETED}
     assert {t.node for t in trials} == cluster.node_ids  # both nodes ran trials
     assert (tmp_path / "runs" / "adapters").is_dir()  # PEFTLAB_HOME travelled with the job
+    # With shared storage trials on every node checkpoint (at step 5 of 10), not only the driver's.
+    assert checkpointed(shared, "cluster-sweep") == {t.trial_id for t in trials}
+    assert not (tmp_path / "runs" / "ray").exists()
 
     # The address from Ray's own variable; a RAY_ADDRESS meant for `peftlab run` does not interfere.
     listed = peftlab("jobs", env={**cluster.env, "RAY_API_SERVER_ADDRESS": cluster.url, "RAY_ADDRESS": "127.0.0.1:1"})
@@ -225,6 +237,10 @@ def test_trials_on_nodes_without_a_shared_disk_upload_their_adapters(cluster, ml
                for t in trials}
     assert all(len(found) == 1 for found in holders.values()), holders  # on the node that trained it only
     assert {found[0] for found in holders.values()} == set(cluster.homes)
+    # Without shared storage only trials on the driver's node (the head) can checkpoint.
+    head, worker = cluster.homes
+    on_head = {trial_id for trial_id, found in holders.items() if found == [head]}
+    assert checkpointed(head / "ray", name) == on_head and not (worker / "ray").exists()
 
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])

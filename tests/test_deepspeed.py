@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -18,6 +21,7 @@ import yaml
 from peftlab.errors import SpecError
 from peftlab.spec import load_spec, parse_spec
 from peftlab.store import ResultsStore, TrialRecord, TrialStatus
+from peftlab.workers.checkpoint import OWNER_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -89,17 +93,47 @@ def train_losses(store: ResultsStore, trial: TrialRecord) -> list[float]:
     return [value for _, name, value in store.metrics(trial.experiment, trial.trial_id) if name == "train/loss"]
 
 
-def test_two_zero2_workers_train_like_one_process(local_ray, peftlab_home, minilm_without_dropout, sentiment_csv):
+def kill_a_rank_once_checkpointed(home: Path, experiment: str, step: int, killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker (a rank) of the experiment's trial once it reported `step`."""
+    def reached() -> bool:
+        try:
+            trials = ResultsStore(f"sqlite:///{home / 'results.db'}", read_only=True).trials(experiment)
+        except Exception:  # noqa: BLE001 - not yet there, or mid-write: look again
+            return False
+        return any(t.status is TrialStatus.RUNNING and (t.steps or 0) >= step for t in trials)
+
+    if not wait_for(reached, seconds=600):
+        return
+    for process in psutil.process_iter(["cmdline"]):
+        if process.info["cmdline"] and process.info["cmdline"][0].startswith("ray::RayTrainWorker"):
+            process.send_signal(signal.SIGKILL)
+            killed.append(process.pid)
+            return
+
+
+def test_two_zero2_workers_train_like_one_process_across_a_killed_rank(local_ray, peftlab_home,
+                                                                       minilm_without_dropout, sentiment_csv):
+    from test_sweep import mlflow_runs
+
     sweep("single", minilm_without_dropout, sentiment_csv, workers=1)
     # Both paths run the same loop; the 2-worker one also cuts each worker's slice into 2 micro-batches.
+    # One rank is killed after the evaluation at step 10: Tune retries the trial, and Ray Train hands
+    # each rank its part of the last checkpoint (engine state, random states, data position).
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_rank_once_checkpointed, args=(peftlab_home, "zero2", 10, killed))
+    killer.start()
     sweep("zero2", minilm_without_dropout, sentiment_csv, workers=2, deepspeed={"zero_stage": 2}, accumulation=2)
+    killer.join()
+    assert killed, "no rank was killed"
 
     store = ResultsStore(f"sqlite:///{peftlab_home / 'results.db'}")
     [single], [zero2] = store.trials("single"), store.trials("zero2")
     assert zero2.status is TrialStatus.COMPLETED, zero2.error
-    assert zero2.steps == 20
+    assert zero2.steps == 20 and zero2.restarts == 1
+    _, runs = mlflow_runs(peftlab_home, "zero2")
+    assert int(runs[zero2.trial_id].data.tags["peftlab.resumed_from_step"]) in (10, 15)
     losses = train_losses(store, zero2)
-    assert len(losses) == 20  # every step's loss (log_every: 1), from rank 0
+    assert len(losses) == 20  # every step's loss (log_every: 1), from rank 0, each once
     assert losses[-1] < losses[0] - 0.2, losses  # it learns
     assert losses == pytest.approx(train_losses(store, single), abs=1e-5)
 
@@ -137,6 +171,14 @@ def test_zero3_adapter_reloads_into_a_plain_model_nan_fails_and_asha_frees_the_w
     assert re.fullmatch(r"NonFiniteLoss: training loss became (nan|inf) at step \d+", diverged.error), diverged.error
     assert stopped.status is TrialStatus.EARLY_STOPPED and stopped.steps == 5
     assert wait_for(lambda: ray.available_resources().get("CPU") == 4), ray.available_resources()
+
+    # Its last checkpoint (step 15) unites both ranks' parts: loop state and ZeRO-3 partition each.
+    [signed] = [p.parent for p in (peftlab_home / "ray").rglob(OWNER_FILE)
+                if json.loads(p.read_text())["trial_id"] == trained.trial_id]
+    names = {p.relative_to(signed).as_posix() for p in signed.rglob("*") if p.is_file()}
+    assert {f"trainable_state.rank{rank}.pt" for rank in (0, 1)} <= names
+    assert {f"deepspeed/state/zero_pp_rank_{rank}_mp_rank_00_{part}_states.pt"
+            for rank in (0, 1) for part in ("model", "optim")} <= names
 
     # The adapter was saved from the gathered ZeRO-3 shards: a plain model with it scores the
     # eval set exactly as the trained, sharded model did.

@@ -175,11 +175,6 @@ def test_random_kills_then_resume_leave_every_trial_once(round_, tmp_path, tiny_
 
     if "driver" in kills:
         done = run_cli("resume", name, home=home)
-        if done.returncode != 0 and "Failed to restore the run state" in done.stdout + done.stderr \
-                and "EOFError: Ran out of input" in done.stdout + done.stderr:
-            # Known defect, not yet mended: a driver killed while Tune copies its search state into
-            # the state folder leaves that file truncated, and Tune cannot restore it.
-            pytest.xfail("Tune's search state was left truncated by the kill; resume cannot restore it")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     after = ResultsStore(f"sqlite:///{home / 'results.db'}").trials(name)
     assert sorted(t.hparams["r"] for t in after) == [2, 4]

@@ -207,8 +207,11 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny
     def loop(trial, **extra) -> tuple[list[TrialReport], dict[int, Path]]:
         records, saved = [], {}
 
-        def keep(record: TrialReport, state: dict) -> None:
-            saved[record.step] = checkpoint.write(state, tmp_path / f"{id(trial)}-{record.step}", owner)
+        def keep(record: TrialReport, write) -> None:
+            folder = tmp_path / f"{id(trial)}-{record.step}"
+            write(folder)
+            checkpoint.claim(folder, owner)
+            saved[record.step] = folder
             records.append(record)
 
         stepper = Stepper(trial.model, trial.settings, trial.device)
@@ -223,7 +226,9 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny
 
     resumed = prepared(tiny_bert_dir, sentiment_csv, training, hparams=hparams)
     torch.manual_seed(1234)  # a new process's random state, which the checkpoint replaces
-    later, _ = loop(resumed, resume=checkpoint.read(saved[10], owner))
+    checkpoint.check_owner(saved[10], owner)
+    later, _ = loop(resumed, resume=saved[10])
+    assert later[0].resumed_from == 10 and all(r.resumed_from is None for r in later[1:])
     assert [r.step for r in later][0] == 11
     assert [r.train_loss for r in later] == pytest.approx([r.train_loss for r in records if r.step > 10], abs=1e-6)
     assert later[-1].metrics == pytest.approx(records[-1].metrics, abs=1e-6)
@@ -233,4 +238,4 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny
 
     # A checkpoint is only restored into the trial that wrote it.
     with pytest.raises(ValueError, match="not written by trial t2"):
-        checkpoint.read(saved[10], {"experiment": "loop", "trial_id": "t2"})
+        checkpoint.check_owner(saved[10], {"experiment": "loop", "trial_id": "t2"})

@@ -2,7 +2,8 @@
 what a retried or resumed trial continues from, so it loses at most one checkpoint interval.
 
 The state is tensors, numbers and lists only (read back with `weights_only`, so nothing in it can
-run code), beside an owner record naming the experiment and trial it belongs to.
+run code), beside an owner record naming the experiment and trial it belongs to; a DeepSpeed
+engine's own files, where it writes them, are read only once that record is checked.
 """
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-STATE_FILE = "trainable_state.pt"
+STATE_FILE = "trainable_state.rank{rank}.pt"
+"""One per process of the trial: a multi-worker trial's ranks each write theirs into one checkpoint."""
 OWNER_FILE = "peftlab-checkpoint.json"
 
 
-def capture(module: nn.Module, step: int, stepper_state: dict[str, Any], progress: dict[str, float]) -> dict[str, Any]:
-    """What training needs to continue after `step`: trainable parameters and every buffer (batch
-    norm statistics move even when frozen), the stepper's optimizer/schedule/scaler, the random
-    states and the loop's progress counters. Frozen weights come from the model as loaded."""
+def capture(module: nn.Module, step: int, stepper_state: dict[str, Any], progress: dict[str, float], *,
+            parameters: bool = True) -> dict[str, Any]:
+    """What training needs to continue after `step`: trainable parameters (unless the stepper saves
+    them itself) and every buffer (batch norm statistics move even when frozen), the stepper's
+    optimizer/schedule/scaler, the random states and the loop's progress counters. Frozen weights
+    come from the model as loaded."""
     version, internal, gauss = random.getstate()
     return {
         "step": step,
-        "parameters": {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad},
+        "parameters": {name: p.detach().cpu().clone() for name, p in module.named_parameters()
+                       if p.requires_grad} if parameters else {},
         "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers()},
         "stepper": stepper_state,
         "torch_rng": torch.get_rng_state(),
@@ -54,22 +59,30 @@ def restore(module: nn.Module, state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def write(state: dict[str, Any], folder: Path, owner: dict[str, str]) -> Path:
+def write(state: dict[str, Any], folder: Path, rank: int = 0) -> Path:
+    """This process's captured state into a checkpoint folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / STATE_FILE)
-    (folder / OWNER_FILE).write_text(json.dumps(owner, sort_keys=True))
+    torch.save(state, folder / STATE_FILE.format(rank=rank))
     return folder
 
 
-def read(folder: Path, owner: dict[str, str]) -> dict[str, Any]:
-    """The state in `folder`, only if its owner record is this trial's (a planted or foreign
-    checkpoint is refused); loaded without unpickling anything but tensors and plain values."""
-    record = folder / OWNER_FILE
+def claim(folder: Path, owner: dict[str, str]) -> None:
+    """Name the experiment and trial this checkpoint belongs to; only that trial restores it."""
+    (folder / OWNER_FILE).write_text(json.dumps(owner, sort_keys=True))
+
+
+def check_owner(folder: Path, owner: dict[str, str]) -> None:
+    """Refuse a checkpoint another trial (or no peftlab trial) wrote: a planted one is never read."""
     try:
-        found = json.loads(record.read_text())
+        found = json.loads((folder / OWNER_FILE).read_text())
     except (OSError, ValueError):
         found = None
     if found != owner:
         raise ValueError(f"checkpoint {folder} was not written by trial {owner.get('trial_id')} "
                          f"of experiment {owner.get('experiment')}; it is not restored")
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def read_state(folder: Path, rank: int = 0) -> dict[str, Any]:
+    """One process's state from a checkpoint whose owner was checked; nothing but tensors and plain
+    values is unpickled (`weights_only`)."""
+    return torch.load(folder / STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)

@@ -20,10 +20,12 @@ from peftlab.workers.train import LoopSettings, Stepper, TrialLoop, batch_proble
 from peftlab.workers.trial import (
     TrialContext,
     adapter_dir_of,
+    checkpoint_reporter,
     failures_recorded,
     prepare_trial,
     publisher,
     replay_if_finished,
+    resumed_checkpoint,
 )
 
 
@@ -71,11 +73,15 @@ def deepspeed_config(spec: DeepSpeedSpec, settings: LoopSettings, *, world_size:
     }
 
 
+ENGINE_FOLDER, ENGINE_TAG = "deepspeed", "state"
+"""Where in a trial's checkpoint the DeepSpeed engine's files go."""
+
+
 class DeepSpeedStepper(Stepper):
     """The loop's stepper for one DeepSpeed worker: the engine does backward, clipping, the
     optimizer and the schedule (at the last micro-batch of each step); ranks share each batch."""
 
-    checkpointable = False  # the engine's state is partitioned across ranks: a retry starts afresh
+    parameters_in_state = False  # the engine saves them, partitioned as it holds them
 
     def __init__(self, model: nn.Module, settings: LoopSettings, device: torch.device, spec: DeepSpeedSpec,
                  *, on_gpu: bool) -> None:
@@ -122,6 +128,19 @@ class DeepSpeedStepper(Stepper):
     def step(self, step: int) -> None:
         """Already stepped by the engine at the step's last micro-batch."""
 
+    def save_state(self, folder: Path) -> dict:
+        """Each rank writes its partition of the engine's state (trainable weights, optimizer,
+        schedule, loss scale) into its folder; the trial's checkpoint unites the ranks' folders."""
+        self.engine.save_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        return {}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        # DeepSpeed unpickles its files: the caller checked that this trial wrote them.
+        loaded, _ = self.engine.load_checkpoint(str(folder / ENGINE_FOLDER), tag=ENGINE_TAG,
+                                                load_module_strict=False)  # frozen weights are not in it
+        if loaded is None:
+            raise ValueError(f"checkpoint {folder} holds no DeepSpeed state for rank {self.rank}")
+
     def save(self, save: Callable[[nn.Module, Path], None], path: Path) -> bool:
         """Rank 0 saves, from whole parameters under ZeRO-3. Methods save only trainable tensors,
         so only those are gathered: the frozen backbone never has to fit whole on one rank."""
@@ -154,12 +173,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         raise UserError("; ".join(problems))
     trial = prepare_trial(loop_config["config"], context)
     stepper = DeepSpeedStepper(trial.model, trial.settings, trial.device, spec, on_gpu=on_gpu)
+    trial_id, node = loop_config["trial_id"], ray.get_runtime_context().get_node_id()
+    owner = {"experiment": context.experiment, "trial_id": trial_id}
+    reporter = None
+    if loop_config["checkpoints"] and context.can_checkpoint(all_nodes(node)):
+        reporter = checkpoint_reporter(owner, ray.train.report, ray.train.Checkpoint, rank=stepper.rank)
     # Every rank calls report (Ray Train's barrier) and Tune keeps rank 0's; under ZeRO-3 every
     # rank must also run the same evaluation forwards, as each gathers parameters from all.
-    TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
-              report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
-              adapter_dir=adapter_dir_of(context, loop_config["trial_id"]), node=ray.get_runtime_context().get_node_id(),
-              publish=publisher(context, loop_config["trial_id"])).train()
+    with resumed_checkpoint(ray.train.get_checkpoint(), owner) as resume:
+        TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+                  report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
+                  adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
+                  checkpoint=reporter, checkpoint_every=context.training.checkpoint_every, resume=resume).train()
+
+
+def all_nodes(node: str) -> list[str]:
+    """The Ray nodes of every rank of this trial (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return [n for n in nodes if n is not None]
 
 
 _worker_groups = None
@@ -192,9 +226,16 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
 
+    import ray
+    from ray.train._internal.session import get_storage
+
     trial_id = tune.get_context().get_trial_id()
     if replay_if_finished(context, trial_id, lambda record: tune.report(record.to_result())):
         return
+    # Ray Train keeps the run's checkpoints in this trial's folder of Tune's storage, so a retry or
+    # a resume finds them; a storage that is local to another node would not be, and gets none.
+    tune_storage = get_storage()
+    checkpoints = context.can_checkpoint([ray.get_runtime_context().get_node_id()])
     global _worker_groups
     _worker_groups = Queue(actor_options={"num_cpus": 0})  # reserves nothing: the workers hold the CPUs
     per_worker = {"CPU": context.cpus, **({"GPU": context.gpus} if context.gpus > 0 else {})}
@@ -202,13 +243,15 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
         train_worker,
         train_loop_config={
             "config": config, "context": context, "deepspeed": deepspeed, "resources": resources,
-            "worker_groups": _worker_groups, "trial_id": trial_id,
+            "worker_groups": _worker_groups, "trial_id": trial_id, "checkpoints": checkpoints,
         },
         scaling_config=train.ScalingConfig(num_workers=resources.workers_per_trial, use_gpu=context.gpus > 0,
                                            resources_per_worker=per_worker),
         run_config=train.RunConfig(
-            name=f"train-{trial_id}",  # stable per trial, as Train V2 asks
-            storage_path=tune.get_context().get_trial_dir(),
+            name=f"train-{trial_id}",  # stable per trial, as Train V2 asks: a rerun continues its run
+            storage_path=tune_storage.trial_fs_path if checkpoints else tune.get_context().get_trial_dir(),
+            storage_filesystem=tune_storage.storage_filesystem if checkpoints else None,
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
             failure_config=train.FailureConfig(max_failures=0),  # Tune's own failure policy decides
         ),

@@ -146,14 +146,17 @@ class Stepper:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    checkpointable = True
-    """Whether `state_dict` captures all the stepper's state (a DeepSpeed engine keeps its own)."""
+    parameters_in_state = True
+    """Whether the loop's checkpoint holds the trainable parameters (a DeepSpeed engine saves its own)."""
 
-    def state_dict(self) -> dict:
+    def save_state(self, folder: Path) -> dict:
+        """The optimizer, schedule and scaler for the loop's checkpoint; a stepper that keeps state
+        of its own writes it into `folder` too."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state(self, folder: Path, state: dict) -> None:
+        """Put back what save_state gave (and wrote into `folder`)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
@@ -215,20 +218,23 @@ class TrialLoop:
     node: str | None = None
     publish: Callable[[Path], str | None] | None = None
     """After the save: upload the adapter folder where the trial's runs are tracked; its URI."""
-    checkpoint: Callable[[TrialReport, dict], None] | None = None
-    """Report an evaluation together with the trainable state (see checkpoint.py); None: never."""
+    checkpoint: Callable[[TrialReport, Callable[[Path], None]], None] | None = None
+    """Report an evaluation with a checkpoint: called with the record and a function that writes this
+    process's trainable state into a folder (see checkpoint.py); None: never."""
     checkpoint_every: int = 0
     """Evaluations between checkpoints; 0 never."""
-    resume: dict | None = None
-    """A captured state to continue from (its step's batches are skipped, not trained again)."""
+    resume: Path | None = None
+    """A checkpoint folder of this trial (its owner checked) to continue from; its step's batches
+    are skipped, not trained again."""
+    _resumed_from: int | None = field(default=None, init=False)
     _reported: bool = field(default=False, init=False)
 
-    def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None, state: dict | None = None,
-                **extra) -> TrialReport:
+    def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None,
+                state: Callable[[Path], None] | None = None, **extra) -> TrialReport:
         costs = replace(meter.costs(self.static), adapter_bytes=adapter_bytes)
         record = TrialReport(step=step, max_steps=self.settings.max_steps, costs=costs,
                              train_loss=meter.take_loss(), lr=self.stepper.lr(), node=self.node,
-                             resumed_from=self.resume["step"] if self.resume and not self._reported else None, **extra)
+                             resumed_from=None if self._reported else self._resumed_from, **extra)
         self._reported = True
         if state is not None:
             self.checkpoint(record, state)
@@ -238,27 +244,34 @@ class TrialLoop:
 
     def _checkpoints_at(self, step: int) -> bool:
         """Every checkpoint_every-th evaluation before the last step (the last one saves the adapter)."""
-        if not (self.checkpoint and self.checkpoint_every and self.stepper.checkpointable):
+        if not (self.checkpoint and self.checkpoint_every):
             return False
         evaluations = step // self.settings.eval_every
         return step < self.settings.max_steps and step % self.settings.eval_every == 0 \
             and evaluations % self.checkpoint_every == 0
 
-    def _capture(self, step: int, meter: Meter) -> dict:
-        from peftlab.workers.checkpoint import capture
+    def _state_writer(self, step: int, meter: Meter) -> Callable[[Path], None]:
+        from peftlab.workers import checkpoint
 
-        return capture(self.stepper.module, step, self.stepper.state_dict(), meter.progress())
+        def write(folder: Path) -> None:
+            stepper_state = self.stepper.save_state(folder)
+            state = checkpoint.capture(self.stepper.module, step, stepper_state, meter.progress(),
+                                       parameters=self.stepper.parameters_in_state)
+            checkpoint.write(state, folder, rank=self.stepper.rank)
+
+        return write
 
     def _continue(self, meter: Meter, batches: Iterator) -> int:
         """Restore the resumed state; the step to continue after."""
-        from peftlab.workers.checkpoint import restore
+        from peftlab.workers import checkpoint
 
-        state = self.resume
-        restore(self.stepper.module, state)
-        self.stepper.load_state_dict(state["stepper"])
+        state = checkpoint.read_state(self.resume, rank=self.stepper.rank)
+        self.stepper.load_state(self.resume, state["stepper"])
+        checkpoint.restore(self.stepper.module, state)  # after the stepper: the random states last
         meter.train_seconds, meter.examples = state["progress"]["train_seconds"], int(state["progress"]["examples"])
         for _ in range(state["step"]):  # the same data order as an uninterrupted run
             next(batches)
+        self._resumed_from = state["step"]
         return state["step"]
 
     def _evaluate(self) -> dict[str, float]:
@@ -308,7 +321,7 @@ class TrialLoop:
                 metrics = self._evaluate()
                 extra = self._finish(metrics) if step == settings.max_steps else {"metrics": metrics}
                 if self._checkpoints_at(step):
-                    extra["state"] = self._capture(step, meter)
+                    extra["state"] = self._state_writer(step, meter)
                 record = self._report(meter, step, **extra)
             elif step % settings.log_every == 0:
                 record = self._report(meter, step)

@@ -12,7 +12,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,12 @@ class TrialContext:
     driver_node: str | None = None
     """The driver's Ray node: Tune keeps checkpoints in the driver's local storage, which only
     trials on that node can write (elsewhere Ray refuses it, and a retry starts afresh)."""
+    shared_storage: bool = False
+    """The Ray storage is a folder every node mounts (PEFTLAB_RAY_STORAGE): trials on any node checkpoint."""
+
+    def can_checkpoint(self, nodes: list[str]) -> bool:
+        """Whether a trial whose processes run on these nodes can write checkpoints to the storage."""
+        return self.shared_storage or all(node == self.driver_node for node in nodes) or self.driver_node is None
     finished: dict[str, str] = field(default_factory=dict)
     """Trial id -> its status in the store, for trials that finished before Tune's state was last
     saved: after a restore Tune starts them again, and they must not train twice."""
@@ -224,35 +230,40 @@ def failures_recorded(trial_dir: Path) -> Iterator[None]:
         raise
 
 
-def checkpoint_reporter(owner: dict[str, str]):
-    """Report an evaluation to Tune with the trainable state as the trial's checkpoint."""
-    from ray import tune
-
+def checkpoint_reporter(owner: dict[str, str], report: Callable[..., None], checkpoint_type: type, *,
+                        rank: int = 0):
+    """Report an evaluation (to Tune, or Ray Train for a multi-worker trial's ranks: `report` and
+    its `checkpoint_type`) with a folder into which the loop wrote this process's trainable state;
+    rank 0 signs it for the trial."""
     from peftlab.workers import checkpoint
 
-    def report(record: TrialReport, state: dict) -> None:
+    def report_with(record: TrialReport, write: Callable[[Path], None]) -> None:
         folder = Path(tempfile.mkdtemp(prefix="peftlab-checkpoint-"))
         try:
-            checkpoint.write(state, folder, owner)
-            # Tune persists the folder into the trial's storage before report returns.
-            tune.report(record.to_result(), checkpoint=tune.Checkpoint.from_directory(str(folder)))
+            write(folder)
+            if rank == 0:
+                checkpoint.claim(folder, owner)
+            # Persisted into the trial's storage before report returns (a multi-worker trial's
+            # ranks all into one folder).
+            report(record.to_result(), checkpoint=checkpoint_type.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    return report
+    return report_with
 
 
-def resumed_state(owner: dict[str, str]) -> dict | None:
-    """The state of the trial's last checkpoint, when Tune restarts it (a retry, a resume)."""
-    from ray import tune
-
+@contextlib.contextmanager
+def resumed_checkpoint(found, owner: dict[str, str]) -> Iterator[Path | None]:
+    """The folder of the checkpoint Tune (or Ray Train) restarts the trial with, once its owner is
+    checked to be this trial; None on a first start. It stays there while the trial runs."""
     from peftlab.workers import checkpoint
 
-    found = tune.get_checkpoint()
     if found is None:
-        return None
+        yield None
+        return
     with found.as_directory() as folder:
-        return checkpoint.read(Path(folder), owner)
+        checkpoint.check_owner(Path(folder), owner)
+        yield Path(folder)
 
 
 def run_trial(config: dict, context: TrialContext) -> None:
@@ -272,9 +283,10 @@ def run_trial(config: dict, context: TrialContext) -> None:
                           after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
         owner = {"experiment": context.experiment, "trial_id": trial_id}
         node = ray.get_runtime_context().get_node_id()
-        local_storage = context.driver_node in (None, node)
-        TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
-                  report=lambda record: tune.report(record.to_result()), save=method.save,
-                  adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
-                  checkpoint=checkpoint_reporter(owner) if local_storage else None,
-                  checkpoint_every=context.training.checkpoint_every, resume=resumed_state(owner)).train()
+        reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if context.can_checkpoint([node]) else None
+        with resumed_checkpoint(tune.get_checkpoint(), owner) as resume:
+            TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
+                      report=lambda record: tune.report(record.to_result()), save=method.save,
+                      adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
+                      checkpoint=reporter,
+                      checkpoint_every=context.training.checkpoint_every, resume=resume).train()

@@ -1,0 +1,104 @@
+"""The filesystem Tune keeps its state and checkpoints on: local (or a shared mount), with every
+written file replaced whole, so a driver killed while Tune copies its state leaves the last copy intact."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+import pyarrow
+import pyarrow.fs
+
+PARTIAL = ".partial"
+"""Suffix of a file still being written (hidden, beside its destination); a kill leaves only these."""
+
+
+class _ReplacedOnClose(io.FileIO):
+    """A file written under a temporary name and renamed over its destination when closed."""
+
+    def __init__(self, path: str) -> None:
+        folder, name = os.path.split(path)
+        descriptor, self._partial = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=PARTIAL)
+        super().__init__(descriptor, "wb", closefd=True)
+        self._destination = path
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+            os.fsync(self.fileno())  # the rename must not land before the bytes do
+        finally:
+            super().close()
+        os.replace(self._partial, self._destination)
+
+
+class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
+    """pyarrow's local filesystem, except that output streams and copies write a temporary file and
+    rename it over the destination: readers see the old file or the new one, never a truncated one."""
+
+    def __init__(self) -> None:
+        self._local = pyarrow.fs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalHandler)
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalHandler)
+
+    def __reduce__(self):
+        return AtomicLocalHandler, ()
+
+    def equals(self, other) -> bool:
+        return self == other
+
+    def get_type_name(self) -> str:
+        return "peftlab-atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self._local.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self._local.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._local.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise PermissionError("refusing to delete the contents of the filesystem root")
+
+    def delete_file(self, path: str) -> None:
+        self._local.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._local.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self._local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+
+    def open_input_stream(self, path: str):
+        return self._local.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self._local.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata):
+        return pyarrow.PythonFile(_ReplacedOnClose(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        return self._local.open_append_stream(path)
+
+
+def atomic_local_filesystem() -> pyarrow.fs.FileSystem:
+    return pyarrow.fs.PyFileSystem(AtomicLocalHandler())

@@ -1,0 +1,70 @@
+"""The filesystem Tune keeps peftlab's state on: a writer SIGKILLed mid-file leaves the previous file
+whole (the truncated copy that made a resume fail cannot happen), and it survives the trip to workers."""
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.fs
+
+from peftlab.atomic_fs import PARTIAL, atomic_local_filesystem
+
+
+def test_writes_and_copies_replace_the_file_whole(tmp_path):
+    fs = atomic_local_filesystem()
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with fs.open_output_stream(str(target)) as out:
+        out.write(b"new ")
+        assert target.read_text() == "old"  # nothing visible before the stream closes
+        out.write(b"state")
+    assert target.read_text() == "new state"
+
+    fs.copy_file(str(target), str(tmp_path / "copy.json"))
+    assert (tmp_path / "copy.json").read_text() == "new state"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.json", "state.json"]
+
+
+def test_a_writer_killed_mid_file_leaves_the_old_file_intact(tmp_path):
+    target = tmp_path / "searcher-state.pkl"
+    old = pickle.dumps({"trials": list(range(1000))})
+    target.write_bytes(old)
+    writer = textwrap.dedent(f"""
+        import sys, time
+        from peftlab.atomic_fs import atomic_local_filesystem
+        out = atomic_local_filesystem().open_output_stream({str(target)!r})
+        out.write(b"x" * (1 << 20))
+        out.flush()
+        print("written", flush=True)
+        time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "written"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert target.read_bytes() == old
+    assert pickle.loads(target.read_bytes()) == {"trials": list(range(1000))}
+    [partial] = [p for p in tmp_path.iterdir() if p != target]
+    assert partial.name.startswith(".searcher-state.pkl.") and partial.name.endswith(PARTIAL)
+    assert partial.stat().st_size == 1 << 20
+
+
+def test_the_filesystem_pickles_for_workers(tmp_path):
+    fs = pickle.loads(pickle.dumps(atomic_local_filesystem()))
+    assert isinstance(fs, pyarrow.fs.FileSystem) and fs.equals(atomic_local_filesystem())
+    fs.create_dir(str(tmp_path / "a" / "b"), recursive=True)
+    with fs.open_output_stream(str(tmp_path / "a" / "b" / "f.txt")) as out:
+        out.write(b"from a worker")
+    with fs.open_input_stream(str(tmp_path / "a" / "b" / "f.txt")) as source:
+        assert source.read() == b"from a worker"
+    assert [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(str(tmp_path), recursive=True))
+            if info.type == pyarrow.fs.FileType.File] == ["f.txt"]
+    assert not Path(tmp_path / "a" / "b" / f".f.txt.x{PARTIAL}").exists()
