@@ -176,7 +176,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trial_id, node = loop_config["trial_id"], ray.get_runtime_context().get_node_id()
     owner = {"experiment": context.experiment, "trial_id": trial_id}
     reporter = None
-    if loop_config["checkpoints"] and context.can_checkpoint(all_nodes(node)):
+    if loop_config["checkpoints"] and context.can_checkpoint(rank_nodes(node)):
         reporter = checkpoint_reporter(owner, ray.train.report, ray.train.Checkpoint, rank=stepper.rank)
     # Every rank calls report (Ray Train's barrier) and Tune keeps rank 0's; under ZeRO-3 every
     # rank must also run the same evaluation forwards, as each gathers parameters from all.
@@ -187,7 +187,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                   checkpoint=reporter, checkpoint_every=context.training.checkpoint_every, resume=resume).train()
 
 
-def all_nodes(node: str) -> list[str]:
+def rank_nodes(node: str) -> list[str]:
     """The Ray nodes of every rank of this trial (a collective: every rank calls it)."""
     import torch.distributed as dist
 
@@ -221,13 +221,12 @@ def run_distributed_trial(config: dict, context: TrialContext, *, resources: Res
                           deepspeed: DeepSpeedSpec) -> None:
     """The Tune function trainable of a multi-worker trial: one Ray Train run of `workers` workers,
     whose rank-0 reports reach Tune through `TuneReportCallback`."""
+    import ray
     from ray import train, tune
+    from ray.train._internal.session import get_storage  # Tune's storage of this trial
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
-
-    import ray
-    from ray.train._internal.session import get_storage
 
     trial_id = tune.get_context().get_trial_id()
     if replay_if_finished(context, trial_id, lambda record: tune.report(record.to_result())):

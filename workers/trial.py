@@ -49,7 +49,7 @@ class TrialContext:
 
     def can_checkpoint(self, nodes: list[str]) -> bool:
         """Whether a trial whose processes run on these nodes can write checkpoints to the storage."""
-        return self.shared_storage or all(node == self.driver_node for node in nodes) or self.driver_node is None
+        return self.shared_storage or self.driver_node is None or all(node == self.driver_node for node in nodes)
     finished: dict[str, str] = field(default_factory=dict)
     """Trial id -> its status in the store, for trials that finished before Tune's state was last
     saved: after a restore Tune starts them again, and they must not train twice."""
