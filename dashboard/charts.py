@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 
 STATUS_COLORS = {"COMPLETED": "#2e8b57", "EARLY_STOPPED": "#e69f00", "FAILED": "#d62728",
                  "RUNNING": "#1f77b4", "PENDING": "#999999"}
-VERDICT_COLORS = {"winner": "#2e8b57", "tied": "#e69f00", "": "#7f7f7f"}
+VERDICT_COLORS = {"best": "#2e8b57", "tied": "#e69f00", "worse": "#7f7f7f", "untested": "#56b4e9"}
 COSTS = {"trainable_params": "trainable parameters", "peak_memory_bytes": "peak memory (bytes)",
          "train_seconds": "train time (s)"}
 
@@ -36,7 +36,7 @@ def leaderboard_ci(board: pd.DataFrame, metric: str) -> go.Figure:
     fig = go.Figure()
     for verdict, rows in board.groupby("verdict", sort=False):
         fig.add_trace(go.Scatter(
-            x=rows["method"], y=rows["mean"], mode="markers", name=verdict or "other",
+            x=rows["method"], y=rows["mean"], mode="markers", name=verdict,
             marker=dict(size=11, color=VERDICT_COLORS.get(verdict, "#7f7f7f")),
             error_y=dict(type="data", array=rows["ci_hi"] - rows["mean"],
                          arrayminus=rows["mean"] - rows["ci_lo"]),

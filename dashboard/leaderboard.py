@@ -1,5 +1,5 @@
 """Leaderboard page: per task, each method's best configuration with mean and 95% bootstrap CI
-over seeds and its costs; the winner and the methods tied with it are marked."""
+over seeds and its costs, and each method's verdict against the best from a paired test."""
 from __future__ import annotations
 
 from urllib.parse import quote
@@ -7,21 +7,47 @@ from urllib.parse import quote
 import pandas as pd
 import streamlit as st
 
-from peftlab.dashboard import charts, loaders, widgets
+from peftlab.dashboard import charts, loaders, stats, widgets
 from peftlab.dashboard.queries import BOARD
 
 DEFINITIONS = (
     "Best configuration per method = the hyperparameters with the best mean over seeds "
     "(finished trials: completed or early-stopped). CI = 95% percentile bootstrap of that mean "
-    "(2,000 resamples, fixed seed; one seed gives a single point). **Winner** = best mean; "
-    "**tied** = its CI overlaps the winner's, i.e. the data do not separate them."
+    "(2,000 resamples, fixed seed; one seed gives a single point). **best** = best mean. Every "
+    f"other method against it: {stats.TEST} (on the seeds both ran, which saw the same data "
+    f"order); **worse** = corrected p < {stats.ALPHA}, **tied** = not separated, **untested** = "
+    "fewer than two shared seeds."
 )
+
+
+def verdict_line(board: pd.DataFrame) -> str:
+    """One board's best method and how every other one compares with it, in words."""
+    best = board.loc[board["verdict"] == "best"].iloc[0]
+    line = (f"**Best on {best['task']}: {best['method']}**, {best['metric']} **{widgets.fmt(best['mean'])}** "
+            f"(95% CI {widgets.fmt(best['ci_lo'])} to {widgets.fmt(best['ci_hi'])}, {int(best['n_seeds'])} seed(s)). ")
+    others = board.loc[board.index != best.name]
+    if others.empty:
+        return line + "No other method ran."
+    if (others["verdict"] == "untested").all():
+        return line + ("Ties cannot be judged: no other method shares two seeds with it (one seed each "
+                       "gives one number per method); re-run the best configurations with `training.seeds`.")
+    tested = others.loc[others["verdict"] != "untested"]
+    seeds = sorted(set(tested["n_paired"].astype(int)))
+    parts = [f"By a {stats.TEST} ({'/'.join(map(str, seeds))} paired seeds):"]
+    for verdict, label in (("tied", "tied with it"), ("worse", "worse")):
+        names = tested.loc[tested["verdict"] == verdict, "method"].tolist()
+        parts.append(f"{label}: {', '.join(names) if names else 'none'};")
+    untested = others.loc[others["verdict"] == "untested", "method"].tolist()
+    if untested:
+        parts.append(f"untested (fewer than two shared seeds): {', '.join(untested)};")
+    return line + " ".join(parts).rstrip(";") + "."
 
 
 def shown(summary: pd.DataFrame) -> pd.DataFrame:
     """The table as displayed and downloaded: sizes in MiB, a link to each best trial."""
     return pd.DataFrame({
-        **{c: summary[c] for c in (*BOARD, "domain", "method", "verdict", "rank", "metric", "mode")},
+        **{c: summary[c] for c in (*BOARD, "domain", "method", "verdict", "n_paired", "p_holm", "rank", "metric",
+                                   "mode")},
         "mean": summary["mean"], "ci_lo": summary["ci_lo"], "ci_hi": summary["ci_hi"],
         "n_seeds": summary["n_seeds"], "n_configs": summary["n_configs"],
         "n_trials": summary["n_trials"],
@@ -39,6 +65,8 @@ COLUMNS = {
     "ci_lo": st.column_config.NumberColumn("CI low", format="%.4f"),
     "ci_hi": st.column_config.NumberColumn("CI high", format="%.4f"),
     "rank": st.column_config.NumberColumn("rank", format="%.1f"),
+    "n_paired": st.column_config.NumberColumn("paired seeds"),
+    "p_holm": st.column_config.NumberColumn("p (Holm)", format="%.3g"),
     "trainable_params": st.column_config.NumberColumn("trainable params", format="localized"),
     "trainable_pct": st.column_config.NumberColumn("trainable %", format="%.4f"),
     "adapter_mib": st.column_config.NumberColumn("adapter MiB", format="%.2f"),
@@ -60,15 +88,8 @@ def render() -> None:
     labels = summary.apply(lambda r: widgets.board_label(r["experiment"], r["task"], r["model"]), axis=1)
     choice = widgets.choose("Task", list(dict.fromkeys(labels)), key="leaderboard_board")
     board = summary.loc[labels == choice]
-    winner = board.loc[board["verdict"] == "winner"].iloc[0]
-    tied = board.loc[board["verdict"] == "tied", "method"].tolist()
-    st.markdown(
-        f"**Winner on {winner['task']}: {winner['method']}**, {winner['metric']} "
-        f"**{widgets.fmt(winner['mean'])}** (95% CI {widgets.fmt(winner['ci_lo'])} to "
-        f"{widgets.fmt(winner['ci_hi'])}, {int(winner['n_seeds'])} seed(s)). "
-        + (f"Tied with it: {', '.join(tied)}." if tied else "No other method is tied with it.")
-    )
-    st.plotly_chart(charts.leaderboard_ci(board, winner["metric"]))
+    st.markdown(verdict_line(board))
+    st.plotly_chart(charts.leaderboard_ci(board, board["metric"].iloc[0]))
     st.subheader("Every task")
     widgets.table(shown(summary), "leaderboard", column_config=COLUMNS)
 

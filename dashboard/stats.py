@@ -5,10 +5,11 @@ Definitions (the dashboard states them where it shows them):
 - CI: 95% percentile bootstrap of the mean over a configuration's seeds, 2,000 resamples drawn
   by `numpy.random.default_rng(0)` from the sorted values, so the same values always give the
   same interval. One seed gives the single value as its interval.
-- Winner: the method whose best configuration has the best mean (highest score). Tied: a method
-  whose interval overlaps the winner's (lo <= winner's hi and hi >= winner's lo). Overlap is a
-  screen, not a test: non-overlapping 95% intervals do mean a real difference, overlapping
-  ones only fail to show one.
+- Verdict: `best` is the method whose best configuration has the best mean (highest score).
+  Every other method is compared with it on the seeds both ran (a seed gives both the same data
+  order), by a two-sided paired t-test on the per-seed score differences; the p-values of a
+  board's methods are Holm-corrected together. `worse`: corrected p < 0.05; `tied`: not
+  separated at that level; `untested`: fewer than two shared seeds, so nothing can be judged.
 - Rank: 1 = best mean on a task (experiment and task); equal means share the average rank.
 - Normalized score: the method's mean minus the best method's mean on the same task, in the
   metric's units, signed so that 0 is the best and below 0 is worse (for a 'min' metric such
@@ -23,6 +24,10 @@ import numpy as np
 import pandas as pd
 
 CONFIDENCE = 0.95
+ALPHA = 0.05
+TEST = "paired t-test over seeds, Holm-corrected across methods"
+FLAT = 1e-9
+"""Per-seed differences that spread less than this (relative) are taken as constant."""
 RESAMPLES = 2_000
 SEED = 0
 BOARD = ["experiment", "task", "model"]
@@ -71,26 +76,56 @@ def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
     # The seed that scored best is the trial the Trial page opens for this row.
     out["best_trial"] = seeds.loc[grouped["score"].idxmax(), keys + ["trial_id"]].set_index(keys)["trial_id"]
     out = out.reset_index()
-    out = mark_ties(out)
+    out = paired_verdicts(out, seeds)
     out["rank"] = ranks(out)
     return out.sort_values([*BOARD, "score", "method"],
                            ascending=[True] * len(BOARD) + [False, True], ignore_index=True)
 
 
-def mark_ties(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add `verdict`: 'winner' (best mean per board), 'tied' (CI overlaps the winner's) or ''."""
+def paired_p(differences: np.ndarray) -> float:
+    """Two-sided paired t-test p-value of per-seed differences (no difference at all: 1)."""
+    from scipy import stats as scipy_stats
+
+    if np.ptp(differences) <= FLAT * max(1.0, float(np.abs(differences).max())):
+        # No spread (up to rounding): the t statistic is 0/0 (all zero) or infinite.
+        return float(np.allclose(differences, 0.0))
+    return float(scipy_stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjustment of a family of p-values (keys kept)."""
+    adjusted, running = {}, 0.0
+    ordered = sorted(p_values, key=lambda key: p_values[key])
+    for position, key in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - position) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def paired_verdicts(summary: pd.DataFrame, seeds: pd.DataFrame, *, alpha: float = ALPHA) -> pd.DataFrame:
+    """Add `verdict` (best, tied, worse, untested), `n_paired` (seeds shared with the best), `p_value`
+    and `p_holm` to a summary, from the seed rows (one per trial: BOARD, method, seed, score) of
+    each method's best configuration."""
     out = summary.copy()
-    # Best mean score first; equal means are split by method name, so the winner is stable.
-    ordered = out.sort_values([*BOARD, "score", "method"],
-                              ascending=[True] * len(BOARD) + [False, True])
-    winner_idx = ordered.drop_duplicates(BOARD).index
-    winner = out.loc[winner_idx, [*BOARD, "ci_lo", "ci_hi"]].rename(
-        columns={"ci_lo": "w_lo", "ci_hi": "w_hi"})
-    merged = out[BOARD].merge(winner, on=BOARD, how="left")
-    overlaps = (out["ci_lo"].to_numpy() <= merged["w_hi"].to_numpy()) & (
-        out["ci_hi"].to_numpy() >= merged["w_lo"].to_numpy())
-    out["verdict"] = np.where(overlaps, "tied", "")
-    out.loc[winner_idx, "verdict"] = "winner"
+    out["verdict"], out["n_paired"] = "untested", 0
+    out["p_value"], out["p_holm"] = np.nan, np.nan
+    # Best mean score first; equal means are split by method name, so the best is stable.
+    ordered = out.sort_values([*BOARD, "score", "method"], ascending=[True] * len(BOARD) + [False, True])
+    per_seed = seeds.groupby([*BOARD, "method", "seed"])["score"].mean()  # sorted, for lookups
+    for key, board in ordered.groupby(BOARD, sort=False):
+        scores = {method: per_seed.loc[(*key, method)] for method in board["method"]}
+        first = board.index[0]
+        out.loc[first, ["verdict", "n_paired"]] = ["best", len(scores[board.loc[first, "method"]])]
+        p_values, gaps = {}, {}
+        for index in board.index[1:]:
+            gap = (scores[board.loc[first, "method"]] - scores[board.loc[index, "method"]]).dropna()
+            out.loc[index, "n_paired"] = len(gap)
+            if len(gap) >= 2:
+                p_values[index], gaps[index] = paired_p(gap.to_numpy()), float(gap.mean())
+        for index, adjusted in holm(p_values).items():
+            out.loc[index, ["p_value", "p_holm"]] = [p_values[index], adjusted]
+            out.loc[index, "verdict"] = "worse" if adjusted < alpha and gaps[index] > 0 else "tied"
+    out["n_paired"] = out["n_paired"].astype(int)
     return out
 
 

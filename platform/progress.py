@@ -187,9 +187,12 @@ def budget_table(fits) -> Table:
 
 def seeds_table(summary) -> Table:
     """One row per (task, method): the seeds of its best configuration, mean, std and 95% CI."""
-    table = Table(title="Across seeds: each method's best configuration (95% bootstrap CI of the mean)",
+    from peftlab.dashboard.stats import ALPHA, TEST
+
+    table = Table(title="Across seeds: each method's best configuration (95% bootstrap CI of the mean); "
+                        f"verdict against the best: {TEST}, worse at p < {ALPHA}",
                   title_justify="left")
-    columns = ["task", "method", "seeds", "mean", "std", "95% CI", "", "trainable"]
+    columns = ["task", "method", "seeds", "mean", "std", "95% CI", "verdict", "p (Holm)", "trainable"]
     if "budget" in summary:
         columns.append("vs budget")
     for column in columns:
@@ -197,7 +200,7 @@ def seeds_table(summary) -> Table:
     for row in summary.itertuples():
         cells = [row.task, row.method, str(row.n_seeds), f"{row.mean:.4f}",
                  "-" if math.isnan(row.std) else f"{row.std:.4f}", f"[{row.ci_lo:.4f}, {row.ci_hi:.4f}]",
-                 row.verdict, f"{row.trainable_params:,.0f}"]
+                 row.verdict, "-" if math.isnan(row.p_holm) else f"{row.p_holm:.3g}", f"{row.trainable_params:,.0f}"]
         if "budget" in summary:
             cells.append(f"{row.trainable_params / row.budget - 1:+.1%}")
         table.add_row(*cells)

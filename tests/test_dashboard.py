@@ -1,7 +1,7 @@
 """The dashboard through Streamlit's AppTest, on a fixture store written by the real store API.
 
 Expected numbers are computed here from the fixture's own lists, not through the dashboard's
-SQL: best configuration per method, mean and CI over seeds, winner and ties, ranks, normalized
+SQL: best configuration per method, mean and CI over seeds, verdicts from paired tests, ranks, normalized
 scores, Pareto membership. Also: the views on PostgreSQL, the read-only connection, the
 `peftlab dashboard` command's refusals, and that the dashboard imports neither Ray nor workers.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import ttest_rel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from streamlit.testing.v1 import AppTest
@@ -144,16 +145,33 @@ def expected_summary(trials, statuses=RANKED, methods=None) -> pd.DataFrame:
             train_seconds=np.mean([t.train_seconds for t in chosen]),
             samples_per_second=np.mean([t.samples_per_second for t in chosen]),
             best_trial=max(chosen, key=lambda t: sign * t.objective).trial_id,
+            by_seed={t.seed: sign * t.objective for t in chosen},
         ))
     frame = pd.DataFrame(rows)
-    verdicts, ranks = [], []
+    frame["verdict"], frame["n_paired"], frame["p_holm"] = "untested", 0, np.nan
+    ranks = []
     for _, row in frame.iterrows():
         board = frame[(frame.experiment == row.experiment) & (frame.task == row.task)]
-        winner = board.loc[board["score"].idxmax()]
-        overlap = row.ci_lo <= winner.ci_hi and row.ci_hi >= winner.ci_lo
-        verdicts.append("winner" if row.method == winner.method else "tied" if overlap else "")
         ranks.append(1 + (board["score"] > row.score).sum())  # no equal means in the fixture
-    return frame.assign(verdict=verdicts, rank=np.array(ranks, dtype=float))
+    # Verdicts: the best mean against each other method, paired t-test on shared seeds, Holm.
+    for _, board in frame.groupby(["experiment", "task"]):
+        best = board.loc[board["score"].idxmax()]
+        frame.loc[best.name, ["verdict", "n_paired"]] = ["best", len(best.by_seed)]
+        raw = {}
+        for index, row in board.drop(best.name).iterrows():
+            shared = sorted(set(best.by_seed) & set(row.by_seed))
+            frame.loc[index, "n_paired"] = len(shared)
+            if len(shared) >= 2:
+                a, b = [best.by_seed[s] for s in shared], [row.by_seed[s] for s in shared]
+                gaps = np.subtract(a, b)
+                # Differences without spread have no t statistic: p is 1 if they are 0, else 0.
+                flat = np.ptp(gaps) <= 1e-9 * max(1.0, np.abs(gaps).max())
+                raw[index] = (float(np.allclose(gaps, 0)) if flat else ttest_rel(a, b).pvalue)
+        previous = 0.0
+        for position, index in enumerate(sorted(raw, key=raw.get)):
+            previous = max(previous, min(1.0, (len(raw) - position) * raw[index]))
+            frame.loc[index, ["p_holm", "verdict"]] = [previous, "worse" if previous < 0.05 else "tied"]
+    return frame.drop(columns="by_seed").assign(rank=np.array(ranks, dtype=float))
 
 
 def brute_force_front(cost: list[float], score: list[float]) -> list[bool]:
@@ -245,7 +263,8 @@ def test_overview_counts_match_the_fixture_and_follow_filters(store_env) -> None
     assert shown.loc["cross", "trials"] == sum(t.method == "bitfit" for t in trials)
 
 
-LEADERBOARD_COLUMNS = ["mean", "ci_lo", "ci_hi", "n_seeds", "n_configs", "n_trials", "verdict", "rank",
+LEADERBOARD_COLUMNS = ["mean", "ci_lo", "ci_hi", "n_seeds", "n_configs", "n_trials", "verdict", "n_paired",
+                       "p_holm", "rank",
                        "trainable_params", "trainable_pct", "adapter_mib", "peak_memory_mib",
                        "train_seconds", "samples_per_second", "hparams", "best_trial"]
 
@@ -267,18 +286,22 @@ def test_leaderboard_numbers_equal_the_fixture(store_env) -> None:
     expected = expected_summary(store_env)
     assert_leaderboard(table(at), expected)
     board = expected[(expected.experiment == "cross") & (expected.task == "fomc")]
-    assert dict(zip(board.method, board.verdict, strict=True)) == {"full": "winner", "lora": "tied", "bitfit": ""}
-    winner = board[board.verdict == "winner"].iloc[0]
+    # full beats lora on both shared seeds (by 0.01 and 0.04: p = 0.34); bitfit shares one seed.
+    assert dict(zip(board.method, board.verdict, strict=True)) == {"full": "best", "lora": "tied",
+                                                                   "bitfit": "untested"}
+    best = board[board.verdict == "best"].iloc[0]
     summary_line = at.markdown[0].value
-    assert f"Winner on fomc: {winner.method}" in summary_line and f"{winner['mean']:.4f}" in summary_line
-    assert "Tied with it: lora." in summary_line
+    assert f"Best on fomc: {best.method}" in summary_line and f"{best['mean']:.4f}" in summary_line
+    assert "paired t-test over seeds, Holm-corrected across methods (2 paired seeds)" in summary_line
+    assert "tied with it: lora; worse: none; untested (fewer than two shared seeds): bitfit." in summary_line
     # The chart shows the same means and intervals, best first.
     points = {name: y for trace in figures(at)[0]["data"] for name, y in zip(trace["x"], trace["y"], strict=True)}
     assert points == pytest.approx(dict(zip(board.method, board["mean"], strict=True)))
     assert_every_table_downloads(at)
     # The other boards: a min-mode experiment (lower loss wins) and sst2's three-way contest.
     loss = expected[expected.experiment == "loss-min"].set_index("method")
-    assert loss.loc["ia3", "verdict"] == "winner" and loss.loc["lora", "verdict"] == ""
+    # Lower loss is better; lora's loss is 0.05 above ia3's on both seeds.
+    assert loss.loc["ia3", "verdict"] == "best" and loss.loc["lora", "verdict"] == "worse"
     sst2 = expected[(expected.experiment == "cross") & (expected.task == "sst2")].set_index("method")
     assert sst2.loc["lora", "hparams"] == json.dumps({"r": 8, "lr": 1e-3})
     assert list(sst2.sort_values("rank").index) == ["full", "lora", "bitfit"]
@@ -288,7 +311,7 @@ def test_leaderboard_filters_change_what_is_shown(store_env) -> None:
     at = page("leaderboard.py", filters={"method": ["lora", "bitfit"]})
     assert_leaderboard(table(at), expected_summary(store_env, methods={"lora", "bitfit"}))
     at.selectbox(key="leaderboard_board").set_value("sst2  ·  cross  ·  minilm").run()
-    assert "Winner on sst2: lora" in at.markdown[0].value
+    assert "Best on sst2: lora" in at.markdown[0].value
 
     at = page("leaderboard.py", filters={"status": ["COMPLETED"]})
     shown = table(at).set_index(["experiment", "task", "method"])

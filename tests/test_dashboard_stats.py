@@ -49,18 +49,74 @@ def board(rows: list[tuple[str, float, float, float]], task: str = "t") -> pd.Da
     return frame.assign(experiment="e", task=task, model="m", mean=frame["score"])
 
 
-def test_winner_and_ties_by_interval_overlap() -> None:
-    frame = board([("a", 0.90, 0.88, 0.92), ("b", 0.87, 0.85, 0.89), ("c", 0.80, 0.79, 0.81),
-                   ("d", 0.86, 0.80, 0.88)])
-    verdicts = dict(zip(frame["method"], stats.mark_ties(frame)["verdict"], strict=True))
-    # b's interval touches a's (0.89 >= 0.88): tied; d ends exactly at a's lower bound: tied
-    # (closed intervals); c is apart.
-    assert verdicts == {"a": "winner", "b": "tied", "c": "", "d": "tied"}
+def seed_rows(scores: dict[str, list[float | None]], task: str = "t") -> pd.DataFrame:
+    """One row per (method, seed) of one board; None: that seed did not run."""
+    return pd.DataFrame([{"experiment": "e", "task": task, "model": "m", "method": method, "seed": seed,
+                          "score": value, "objective": value, "trial_id": f"{method}{seed}"}
+                         for method, values in scores.items() for seed, value in enumerate(values)
+                         if value is not None])
 
 
-def test_equal_means_pick_one_winner_by_name_and_tie_the_other() -> None:
-    frame = board([("z", 0.9, 0.9, 0.9), ("a", 0.9, 0.9, 0.9)])
-    assert list(stats.mark_ties(frame)["verdict"]) == ["tied", "winner"]
+def verdicts_of(scores: dict[str, list[float | None]]) -> pd.DataFrame:
+    seeds = seed_rows(scores)
+    means = seeds.groupby("method", sort=False)["score"].mean()
+    summary = board([(method, mean, mean, mean) for method, mean in means.items()])
+    return stats.paired_verdicts(summary, seeds).set_index("method")
+
+
+def test_holm_adjusts_step_down_and_stays_monotone() -> None:
+    # Sorted: 0.01 * 3 = 0.03; 0.03 * 2 = 0.06; 0.04 * 1 = 0.04, raised to the 0.06 before it.
+    assert stats.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert stats.holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+    assert stats.holm({}) == {}
+
+
+def test_paired_verdicts_follow_a_paired_t_test_with_holm() -> None:
+    from scipy.stats import ttest_rel
+
+    scores = {
+        "best": [0.90, 0.91, 0.89, 0.92, 0.90],
+        "worse": [0.85, 0.85, 0.85, 0.86, 0.83],  # below the best on every seed, by 0.04 to 0.07
+        "tied": [0.91, 0.88, 0.90, 0.90, 0.91],  # above on some seeds, below on others
+        "once": [0.80, None, None, None, None],  # one seed shared: nothing to judge
+    }
+    out = verdicts_of(scores)
+    assert out["verdict"].to_dict() == {"best": "best", "worse": "worse", "tied": "tied", "once": "untested"}
+    assert out["n_paired"].to_dict() == {"best": 5, "worse": 5, "tied": 5, "once": 1}
+    raw = {m: ttest_rel(scores["best"], scores[m]).pvalue for m in ("worse", "tied")}
+    assert out.loc["worse", "p_value"] == pytest.approx(raw["worse"])
+    assert out.loc["tied", "p_value"] == pytest.approx(raw["tied"])
+    # Two tested methods: the smaller p doubled, the larger kept (no smaller than the first).
+    assert out.loc["worse", "p_holm"] == pytest.approx(2 * raw["worse"])
+    assert out.loc["tied", "p_holm"] == pytest.approx(max(raw["tied"], 2 * raw["worse"]))
+    assert np.isnan(out.loc["once", "p_holm"]) and np.isnan(out.loc["best", "p_holm"])
+
+
+def test_holm_can_turn_a_raw_rejection_into_a_tie() -> None:
+    # Three methods a little below the best (seeded draws); Holm corrects for comparing all three.
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.9, 0.01, 6)
+    scores = {"best": list(base)}
+    for name, shift in (("a", 0.004), ("b", 0.0045), ("c", 0.005)):
+        scores[name] = list(base - shift + rng.normal(0, 0.004, 6))
+    out = verdicts_of(scores)
+    raw, corrected = out["p_value"].drop("best"), out["p_holm"].drop("best")
+    assert (corrected >= raw).all()
+    assert ((out["verdict"] == "worse") == (out["p_holm"] < stats.ALPHA)).drop("best").all()
+    # c alone would be worse (p = 0.037); among three comparisons it is not separated from the best.
+    assert out.loc["c", "p_value"] < stats.ALPHA <= out.loc["c", "p_holm"] and out.loc["c", "verdict"] == "tied"
+    assert out.loc["b", "verdict"] == "worse"
+
+
+def test_equal_scores_on_every_seed_are_tied_and_the_best_is_picked_by_name() -> None:
+    out = verdicts_of({"z": [0.9, 0.8], "a": [0.9, 0.8]})
+    assert out["verdict"].to_dict() == {"a": "best", "z": "tied"}
+    assert out.loc["z", "p_value"] == 1.0
+
+
+def test_one_seed_per_method_leaves_every_method_untested() -> None:
+    out = verdicts_of({"lora": [0.9], "dora": [0.8], "ia3": [0.7]})
+    assert out["verdict"].to_dict() == {"lora": "best", "dora": "untested", "ia3": "untested"}
 
 
 def test_ranks_average_equal_scores_per_board() -> None:
@@ -117,7 +173,8 @@ def test_summarize_picks_best_seed_and_orders_best_first() -> None:
     assert list(out["best_trial"]) == ["lora1", "bitfit1"]
     assert out["mean"].tolist() == pytest.approx([0.91, 0.82])
     assert out["train_seconds"].tolist() == [10.5, 10.5] and list(out["n_seeds"]) == [2, 2]
-    assert list(out["rank"]) == [1.0, 2.0] and list(out["verdict"]) == ["winner", ""]
+    # Paired differences 0.10 and 0.08: t = 9 on 1 degree of freedom, p = 0.07: not separated.
+    assert list(out["rank"]) == [1.0, 2.0] and list(out["verdict"]) == ["best", "tied"]
     for method, values in itertools.groupby(rows, key=lambda r: r[0]):
         ci = stats.bootstrap_ci([v for _, _, v in values])
         row = out.set_index("method").loc[method]
