@@ -9,6 +9,7 @@ import csv
 import functools
 import io
 import json
+import math
 import sys
 from dataclasses import asdict
 from enum import Enum
@@ -161,15 +162,24 @@ def _open_store(url: str | None):
     return ResultsStore(url)  # an older store is brought to the current schema, as `run` does
 
 
+class ResultTable(str, Enum):
+    leaderboard = "leaderboard"
+    seeds = "seeds"
+    ranks = "ranks"
+
+
 @app.command()
 @user_errors
 def results(
     name: Annotated[Optional[str], typer.Argument(help="Experiment name (default: the latest).")] = None,
     store: StoreOpt = None,
     format: Annotated[Format, typer.Option("--format", help="table, csv, json or markdown.")] = Format.table,
+    table: Annotated[ResultTable, typer.Option(
+        "--table", help="csv and markdown: which table (json holds all three).")] = ResultTable.leaderboard,
 ) -> None:
-    """The leaderboard of an experiment from the results store."""
-    from peftlab.progress import leaderboard_table
+    """The leaderboard of an experiment from the results store; with several seeds per
+    configuration, the seed summary (mean, CI, paired-test verdict) and the average ranks too."""
+    from peftlab.progress import leaderboard_table, ranks_table, seeds_table
     from peftlab.store import TrialStatus
 
     results_store = _open_store(store)
@@ -182,23 +192,53 @@ def results(
         known = ", ".join(e.name for e in experiments)
         raise UserError(f"no experiment named '{name}' (known: {known})")
     rows = results_store.leaderboard(name)
+    summary, ranks = _seed_tables(store, name, results_store.get_experiment(name).spec)
     if format is Format.table:
         console.print(leaderboard_table(rows))
         failed = results_store.trials(name, status=TrialStatus.FAILED)
         for trial in failed:
             console.print(f"  failed {trial.method} {trial.trial_id}: {trial.error}", highlight=False)
-        _print_seed_summary(store, name, results_store.get_experiment(name).spec)
+        if summary is not None:
+            console.print(seeds_table(summary))
+        if ranks is not None:
+            console.print(ranks_table(ranks))
         return
-    records = [asdict(row) for row in rows]
+    tables = {
+        ResultTable.leaderboard: [asdict(row) for row in rows],
+        ResultTable.seeds: [] if summary is None else _records(
+            summary[[c for c in (*SEED_COLUMNS, "budget") if c in summary]]),
+        ResultTable.ranks: [] if ranks is None else _records(ranks),
+    }
     if format is Format.json:
-        sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
-    elif format is Format.markdown:
+        document = {"experiment": name, **{key.value: records for key, records in tables.items()}}
+        sys.stdout.write(json.dumps(document, indent=2, default=_cell) + "\n")
+        return
+    records = tables[table]
+    if not records and table is not ResultTable.leaderboard:
+        raise UserError(f"experiment '{name}' has no {table.value} table: it needs configurations run with "
+                        "several seeds (`training.seeds`)")
+    if format is Format.markdown:
         sys.stdout.write(_markdown(records or [{"task": "", "method": ""}]))
     else:
         sys.stdout.write(_csv(records, empty=["task", "method"]))
 
 
+SEED_COLUMNS = ["experiment", "task", "model", "domain", "method", "hparams", "n_seeds", "mean", "std", "ci_lo",
+                "ci_hi", "verdict", "n_paired", "p_value", "p_holm", "rank", "best_trial", "trainable_params",
+                "trainable_pct", "peak_memory_bytes", "train_seconds", "samples_per_second"]
+"""The seed table's columns in csv, json and markdown, as in the dashboard's Leaderboard."""
+
+
+def _records(frame) -> list[dict]:
+    """DataFrame rows as plain dicts: NaN becomes None, numpy scalars Python numbers."""
+    return [{key: (None if isinstance(value, float) and math.isnan(value) else
+                   value.item() if hasattr(value, "item") else value) for key, value in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
 def _cell(value) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
     return json.dumps(value) if isinstance(value, (dict, list)) else ("" if value is None else str(value))
 
 
@@ -218,11 +258,11 @@ def _markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _print_seed_summary(url: str | None, name: str, spec: dict) -> None:
-    """Mean, std and 95% bootstrap CI over the seeds of each method's best configuration, and the
-    average rank of each method across tasks: printed when some configuration has several seeds."""
+def _seed_tables(url: str | None, name: str, spec: dict):
+    """(seed summary, rank table) of an experiment, each None where it does not apply: the summary
+    (mean, std, 95% bootstrap CI and paired-test verdict over the seeds of each method's best
+    configuration) needs a configuration with several seeds, the ranks several tasks."""
     from peftlab.dashboard import queries, stats
-    from peftlab.progress import seeds_table, ranks_table
     from peftlab.spec import budget_params
 
     engine = queries.open_engine(settings.store_url(url))
@@ -232,14 +272,13 @@ def _print_seed_summary(url: str | None, name: str, spec: dict) -> None:
     finally:
         engine.dispose()
     if seeds.empty or seeds.groupby(["task", "method"])["seed"].nunique().max() < 2:
-        return
+        return None, None
     summary = stats.summarize(seeds)
     budget = spec.get("budget")
     if budget is not None:
         summary["budget"] = [budget_params(budget, int(total)) for total in summary["total_params"]]
-    console.print(seeds_table(summary))
-    if summary["task"].nunique() > 1:
-        console.print(ranks_table(stats.domain_matrix(summary)[2]))
+    ranks = stats.domain_matrix(summary)[2] if summary["task"].nunique() > 1 else None
+    return summary, ranks
 
 
 @app.command()

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from peftlab.search import TaskPlan
-from peftlab.store import LeaderboardRow
+from peftlab.store import LeaderboardRow, TrialStatus
 from peftlab.workers.report import Outcome, TrialReport
 
 
@@ -153,7 +153,7 @@ class SweepProgress(Callback):
 def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> Table:
     table = Table(title="Leaderboard: best trial per method", title_justify="left")
     for column in ("task", "method", metric or "objective", "trainable", "% of model",
-                   "peak memory", "train time", "samples/s", "trials", "config"):
+                   "peak memory", "train time", "samples/s", "steps", "trials", "config"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
@@ -161,9 +161,15 @@ def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> 
             f"{row.trainable_pct:.3f}%", _mib(row.peak_memory_bytes),
             f"{row.train_seconds:.1f}s" if row.train_seconds is not None else "-",
             f"{row.samples_per_second:.1f}" if row.samples_per_second is not None else "-",
-            str(row.n_trials), _short(row.hparams),
+            steps_cell(row.steps, row.status), str(row.n_trials), _short(row.hparams),
         )
     return table
+
+
+def steps_cell(steps: int | None, status: TrialStatus) -> str:
+    """Steps trained, marked when early stopping ended the trial: `200 (stopped)`."""
+    shown = "-" if steps is None else str(steps)
+    return f"{shown} (stopped)" if status is TrialStatus.EARLY_STOPPED else shown
 
 
 def _mib(value: int | None) -> str:

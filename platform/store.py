@@ -124,6 +124,8 @@ class LeaderboardRow:
     samples_per_second: float | None
     adapter_bytes: int | None
     status: TrialStatus
+    steps: int | None
+    """Steps the best trial trained (fewer than max_steps where early stopping ended it)."""
     n_trials: int
     """How many ranked trials (finished, with an objective) the best was chosen among."""
 

@@ -5,6 +5,8 @@ Its six tasks run with two of its methods (LoRA, DoRA: the budget-sized ones), w
 path the example takes at a third of its trials; `peftlab validate` checks the whole example."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from test_sweep import ROOT, mlflow_runs, run_cli
@@ -65,7 +67,16 @@ def test_cross_domain_smoke(tmp_path, data_dir):
 
     shown = run_cli("results", name, home=home)
     assert shown.returncode == 0, shown.stderr
-    assert "Across seeds" in shown.stdout and "95% CI" in shown.stdout
+    assert "Across seeds" in shown.stdout and "95% CI" in shown.stdout and "Holm" in shown.stdout
     assert "Average rank across tasks" in shown.stdout
+    # The same three tables in json; csv gives one of them at a time.
+    document = json.loads(run_cli("results", name, "--format", "json", home=home).stdout)
+    assert len(document["leaderboard"]) == len(document["seeds"]) == 6 * len(kept)
+    assert {row["verdict"] for row in document["seeds"]} <= {"best", "tied", "worse", "untested"}
+    assert sum(row["verdict"] == "best" for row in document["seeds"]) == 6  # one per task
+    assert all(row["n_seeds"] == 2 for row in document["seeds"])
+    assert {row["method"] for row in document["ranks"]} == set(kept)
+    seeds_csv = run_cli("results", name, "--format", "csv", "--table", "seeds", home=home)
+    assert seeds_csv.returncode == 0 and seeds_csv.stdout.count("\n") == 1 + len(document["seeds"])
     for method in spec.methods:
         assert method in shown.stdout

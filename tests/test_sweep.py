@@ -5,6 +5,8 @@ and one trial must diverge; another runs the quickstart spec in --smoke mode on 
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -128,9 +130,12 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
 
     listed = run_cli("results", "e2e", "--format", "json", home=home)
     assert listed.returncode == 0, listed.stderr
-    rows = json.loads(listed.stdout)
+    document = json.loads(listed.stdout)
+    rows = document["leaderboard"]
+    assert document["experiment"] == "e2e" and document["seeds"] == [] and document["ranks"] == []  # one seed
     assert {r["method"] for r in rows} == {"full", "lora", "bitfit"}
-    assert next(r for r in rows if r["method"] == "full")["trial_id"] == good.trial_id
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["trial_id"] == good.trial_id and full["status"] == "COMPLETED" and full["steps"] == good.steps
     markdown = run_cli("results", "e2e", "--format", "markdown", home=home)
     assert markdown.returncode == 0, markdown.stderr
     lines = markdown.stdout.splitlines()
@@ -176,6 +181,11 @@ def test_quickstart_smoke_on_minilm_and_sst2(tmp_path, data_dir):
     assert len(runs) == 5
     listed = run_cli("results", "--format", "csv", home=home)
     assert listed.returncode == 0 and listed.stdout.count("\n") == 6, listed.stdout + listed.stderr
+    assert {row["status"] for row in csv.DictReader(io.StringIO(listed.stdout))} == {"COMPLETED"}
+    shown = run_cli("results", home=home)
+    assert "steps" in shown.stdout and "Across seeds" not in shown.stdout  # one seed: no seed table
+    refused = run_cli("results", "--format", "csv", "--table", "seeds", home=home)
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: experiment"), refused.stderr
 
 
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, tiny_bert_dir, sentiment_csv):
