@@ -21,8 +21,10 @@ PAGES = [  # (file, title, url path)
 ]
 
 st.set_page_config(page_title="peftlab", layout="wide")
-page = st.navigation([st.Page(HERE / file, title=title, url_path=path, default=path == "overview")
-                      for file, title, path in PAGES])
+# Streamlit answers the default page at / only; a hidden copy of the Overview takes that role so
+# that /overview, like every other page, is an address of its own.
+root = st.Page(HERE / "overview.py", title="Overview", url_path="home", default=True, visibility="hidden")
+page = st.navigation([root, *(st.Page(HERE / file, title=title, url_path=path) for file, title, path in PAGES)])
 try:
     options = widgets.sidebar()
 except UserError as exc:  # missing, unreachable or unmigrated store: say so, with the fix

@@ -15,6 +15,19 @@ COSTS = {"trainable_params": "trainable parameters", "peak_memory_bytes": "peak 
          "train_seconds": "train time (s)"}
 
 
+def method_colors(methods) -> dict[str, str]:
+    """One colour per method, the same on every chart: plotly's 10 while they suffice, then the
+    26 of its Alphabet set, then evenly spaced along Turbo, so no two methods share a colour."""
+    names = sorted(set(methods))
+    if len(names) <= len(px.colors.qualitative.Plotly):
+        palette = px.colors.qualitative.Plotly
+    elif len(names) <= len(px.colors.qualitative.Alphabet):
+        palette = px.colors.qualitative.Alphabet
+    else:
+        palette = px.colors.sample_colorscale("Turbo", [i / (len(names) - 1) for i in range(len(names))])
+    return dict(zip(names, palette, strict=False))
+
+
 def _tidy(fig: go.Figure, height: int = 420) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
     return fig
@@ -78,7 +91,8 @@ def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str) -> go.Figure:
     else:
         shown, symbols = points, {}
         hover["n_seeds"] = True
-    fig = px.scatter(shown, x=cost, y=y, color="method", log_x=True, hover_data=hover, **symbols)
+    fig = px.scatter(shown, x=cost, y=y, color="method", color_discrete_map=method_colors(shown["method"]),
+                     log_x=True, hover_data=hover, **symbols)
     fig.update_traces(marker=dict(size=10, line=dict(width=2)))  # open markers need a visible ring
     front = points.loc[points["on_front"]].sort_values(cost)
     fig.add_trace(go.Scatter(x=front[cost], y=front[y], mode="lines", line_shape="hv",
@@ -120,7 +134,11 @@ def parallel(frame: pd.DataFrame, hparams: list[str], metric: str) -> go.Figure:
         dimensions=dims,
     ))
     fig.update_layout(title="Hyperparameters and metric, one line per trial")
-    return _tidy(fig, 420)
+    _tidy(fig, 460)
+    # Axis names sit above the axes and the outer axes' tick labels beside them: room for both,
+    # below the title.
+    fig.update_layout(margin=dict(l=80, r=80, t=110, b=30))
+    return fig
 
 
 def sensitivity_scatter(frame: pd.DataFrame, hparam: str, metric: str) -> go.Figure:

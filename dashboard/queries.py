@@ -36,7 +36,7 @@ from sqlalchemy.pool import QueuePool
 
 from peftlab.dashboard import stats
 from peftlab.errors import UserError
-from peftlab.store import ResultsStore, TrialStatus, read_only_sqlite
+from peftlab.store import SMOKE_SUFFIX, ResultsStore, TrialStatus, read_only_sqlite
 from peftlab.store_models import UTCDateTime
 
 STATUSES = [status.value for status in TrialStatus]
@@ -83,14 +83,25 @@ class Filters:
     model: tuple[str, ...] = ()
     method: tuple[str, ...] = ()
     status: tuple[str, ...] = ()
+    smoke: bool = False
+    """Include `--smoke` experiments (named *-smoke) where no experiment is chosen: a smoke run is a
+    check that every piece runs, and its numbers would skew comparisons across experiments."""
+
+    def _columns(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "smoke"]
 
     def where(self, view=trials_view) -> list[Any]:
-        return [view.c[f.name].in_(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)]
+        chosen = [view.c[name].in_(getattr(self, name)) for name in self._columns() if getattr(self, name)]
+        return chosen + self.smoke_where(view.c.experiment)
+
+    def smoke_where(self, experiment) -> list[Any]:
+        """The condition that leaves smoke experiments out, where it applies."""
+        return [] if self.smoke or self.experiment else [experiment.not_like(f"%{SMOKE_SUFFIX}")]
 
     @property
     def narrows_trials(self) -> bool:
         """True when a filter other than the experiment one is set."""
-        return any(getattr(self, f.name) for f in fields(self) if f.name != "experiment")
+        return any(getattr(self, name) for name in self._columns() if name != "experiment")
 
 
 # -- connection --------------------------------------------------------------------------------
@@ -203,6 +214,7 @@ def overview(connection: Connection, filters: Filters) -> pd.DataFrame:
     )
     if filters.experiment:
         query = query.where(e.c.experiment.in_(filters.experiment))
+    query = query.where(*filters.smoke_where(e.c.experiment))
     if filters.narrows_trials:  # experiments without a matching trial drop out
         query = query.where(counts.c.trials.is_not(None))
     return _frame(connection, query)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError
 from peftlab import settings
 from peftlab.dashboard import loaders
 from peftlab.dashboard.queries import BOARD, STATUSES, Filters
+from peftlab.store import SMOKE_SUFFIX
 
 FILTERS = {"experiment": "Experiment", "domain": "Domain", "task": "Task", "model": "Model",
            "method": "Method", "status": "Status"}
@@ -52,6 +53,9 @@ def sidebar() -> dict[str, list[str]]:
             if key in st.session_state:
                 st.session_state[key] = [v for v in st.session_state[key] if v in values]
             st.multiselect(label, values, key=key, placeholder="all")
+        st.checkbox("Include --smoke experiments", key="filter_smoke",
+                    help=f"Experiments named *{SMOKE_SUFFIX} (`peftlab run --smoke`) check that every piece runs; "
+                         "their numbers are left out unless ticked here or chosen under Experiment.")
         st.button("Reload data", on_click=st.cache_data.clear,
                   help=f"Results are cached for {loaders.TTL} s; reload to see new trials now.")
     return options
@@ -71,7 +75,8 @@ def choose(label: str, options: list, key: str, *, index: int = 0, format_func=s
 
 
 def context() -> Context:
-    filters = Filters(**{name: tuple(st.session_state.get(f"filter_{name}") or ()) for name in FILTERS})
+    filters = Filters(**{name: tuple(st.session_state.get(f"filter_{name}") or ()) for name in FILTERS},
+                      smoke=bool(st.session_state.get("filter_smoke")))
     return Context(url=settings.store_url(), filters=filters,
                    tracking_uri=os.environ.get(settings.ENV_TRACKING) or None)
 

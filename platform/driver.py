@@ -26,7 +26,15 @@ from peftlab.locations import check_store_url, check_tracking_uri, require_store
 from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan, seed_plan
 from peftlab.spec import ExperimentSpec, method_spaces
 from peftlab.state import SEARCH, SEEDS, check_owned, claim, state_path
-from peftlab.store import FINISHED, ExperimentStatus, LeaderboardRow, ResultsStore, TrialRecord, TrialStatus
+from peftlab.store import (
+    FINISHED,
+    SMOKE_SUFFIX,
+    ExperimentStatus,
+    LeaderboardRow,
+    ResultsStore,
+    TrialRecord,
+    TrialStatus,
+)
 from peftlab.tracking import Tracker
 
 PACKAGES = ("peftlab", "torch", "transformers", "peft", "ray", "optuna", "mlflow", "sqlalchemy")
@@ -63,7 +71,7 @@ def smoke(spec: ExperimentSpec) -> ExperimentSpec:
     search = spec.search.model_copy(update={
         "algorithm": "random", "num_samples": len(spec.methods) * SMOKE["num_samples_per_method"]})
     seeds = spec.final_seeds[:SMOKE["seeds"]] or None
-    return spec.model_copy(update={"name": f"{spec.name}-smoke", "tasks": tasks, "training": training,
+    return spec.model_copy(update={"name": f"{spec.name}{SMOKE_SUFFIX}", "tasks": tasks, "training": training,
                                    "search": search, "seeds": seeds})
 
 

@@ -38,6 +38,11 @@ MIGRATION_LOCK = 0x7065_6674  # "peft": the advisory lock key PostgreSQL migrati
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
+SMOKE_SUFFIX = "-smoke"
+"""Appended to the name of an experiment run with `--smoke` (a check that every piece runs, not
+a result): the dashboard leaves such experiments out of comparisons unless asked."""
+
+
 class ExperimentStatus(str, enum.Enum):
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"

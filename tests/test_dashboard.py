@@ -307,6 +307,33 @@ def test_leaderboard_numbers_equal_the_fixture(store_env) -> None:
     assert list(sst2.sort_values("rank").index) == ["full", "lora", "bitfit"]
 
 
+def test_smoke_experiments_stay_out_of_comparisons_unless_asked(tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    store, template = ResultsStore(url), fixture_trials()[0]
+    # The smoke run's numbers (a few steps) would reverse the study's order if they were counted.
+    for name, scores in (("study", {"lora": 0.90, "bitfit": 0.80}), ("study-smoke", {"lora": 0.20, "bitfit": 0.99})):
+        store.create_experiment(name, {"name": name}, f"hash-{name}", "eval/accuracy", "max", "abc123", {})
+        for method, objective in scores.items():
+            store.upsert_trial(replace(template, experiment=name, trial_id=f"{name}-{method}", method=method,
+                                       objective=objective, hparams={"lr": 1e-3}))
+    store.close()
+    monkeypatch.setenv("PEFTLAB_STORE_URL", url)
+
+    at = page("leaderboard.py")
+    assert set(table(at)["experiment"]) == {"study"}
+    assert at.markdown[0].value.startswith("**Best on sst2: lora**")
+    at.checkbox(key="filter_smoke").check().run()
+    assert set(table(at)["experiment"]) == {"study", "study-smoke"}
+    # Chosen by name, a smoke experiment is shown without the box.
+    at = page("leaderboard.py", filters={"experiment": ["study-smoke"]})
+    assert set(table(at)["experiment"]) == {"study-smoke"}
+    assert list(table(page("overview.py"))["experiment"]) == ["study"]
+    ranks = table(page("domains.py")).set_index("method")["average_rank"]
+    assert ranks.to_dict() == {"lora": 1.0, "bitfit": 2.0}  # the study's order, not the smoke run's
+
+
 def test_leaderboard_filters_change_what_is_shown(store_env) -> None:
     at = page("leaderboard.py", filters={"method": ["lora", "bitfit"]})
     assert_leaderboard(table(at), expected_summary(store_env, methods={"lora", "bitfit"}))
@@ -371,6 +398,22 @@ def test_pareto_front_matches_brute_force(store_env) -> None:
         dict(zip(summary.best_trial[on_front], gaps[on_front], strict=True)))
 
 
+def test_method_colours_stay_distinct_beyond_ten_methods() -> None:
+    from peftlab.dashboard import charts
+
+    for n in (3, 12, 30):
+        names = [f"method{i:02d}" for i in range(n)]
+        colours = charts.method_colors(names)
+        assert len(set(colours.values())) == n, n
+        assert charts.method_colors(list(reversed(names)) * 2) == colours  # order and repeats do not matter
+    points = pd.DataFrame({"method": [f"method{i:02d}" for i in range(12)], "trainable_params": range(1, 13),
+                           "objective": np.linspace(0.5, 0.9, 12), "on_front": [True] * 12, "task": "t",
+                           "trial_id": [f"t{i}" for i in range(12)], "hparams": "{}", "n_seeds": 1})
+    figure = charts.pareto(points, "trainable_params", "objective", "accuracy")
+    markers = {trace.name: trace.marker.color for trace in figure.data if trace.mode == "markers"}
+    assert len(markers) == 12 and len(set(markers.values())) == 12
+
+
 def test_sensitivity_shows_hyperparameters_and_early_stopping(store_env) -> None:
     at = page("sensitivity.py", filters={"experiment": ["cross"], "task": ["sst2"]})
     # The most searched method (most configurations) is listed first.
@@ -386,6 +429,8 @@ def test_sensitivity_shows_hyperparameters_and_early_stopping(store_env) -> None
     assert charts[0]["data"][0]["type"] == "parcoords"
     labels = [d["label"] for d in charts[0]["data"][0]["dimensions"]]
     assert labels == ["r", "log10(lr)", "status", "eval/accuracy"]
+    margin = charts[0]["layout"]["margin"]  # room above for the axis names, beside for the outer ticks
+    assert margin["t"] >= 100 and margin["l"] >= 60 and margin["r"] >= 60
     by_title = {c["layout"]["title"]["text"]: c for c in charts[1:]}
     lr = by_title["eval/accuracy vs lr (log axis)"]
     assert lr["layout"]["xaxis"]["type"] == "log"

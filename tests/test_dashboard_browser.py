@@ -110,6 +110,7 @@ def known_numbers(trials) -> dict[str, tuple[str, str, str]]:
     bitfit = [t.objective for t in fomc_trials if t.method == "bitfit"]
     return {
         "overview": ("", "Overview", str(len(trials))),  # the default page lives at /
+        "overview by name": ("overview", "Overview", str(len(trials))),  # and at its own address
         "leaderboard": ("leaderboard", "Leaderboard", f"{best['mean']:.4f}"),
         "domains": ("domains", "Methods x domains", "1.00"),
         "pareto": ("pareto", "Pareto", f"of {len(fomc_trials)} trials are on the Pareto front"),
@@ -136,6 +137,8 @@ def test_every_page_renders_in_chromium(served, browser, tmp_path) -> None:
         finally:
             browser.save_screenshot(str(tmp_path / f"{name}.png"))
         body = browser.find_element(By.TAG_NAME, "body").text
+        assert browser.current_url.rstrip("/") == f"{base}/{path}".rstrip("/"), (name, browser.current_url)
+        assert "no corresponding file" not in body and "Page not found" not in body, name
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), name
         assert not any(text in body for text in EXCEPTION_TEXT), (name, body[:2000])
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
