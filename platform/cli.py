@@ -328,6 +328,28 @@ def methods_markdown(described: list[dict]) -> str:
 
 @app.command()
 @user_errors
+def export(
+    name: Annotated[str, typer.Argument(help="Experiment name.")],
+    method: Annotated[str, typer.Option("--method", help="The method whose best trial is exported.")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder to write the export into.")],
+    task: Annotated[Optional[str], typer.Option("--task", help="The task, where the method ran on several.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Fold the adapter into the base model: a plain "
+                                        "Hugging Face model folder (mergeable methods only).")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """A method's best trial as a self-contained folder: its adapter and a model card (README.md)."""
+    from peftlab.export import export as write_export
+    from peftlab.locations import require_store
+    from peftlab.store import ResultsStore
+
+    url = settings.store_url(store)
+    require_store(url)
+    written = write_export(ResultsStore(url, read_only=True), name, method, out, task=task, merge=merge)
+    console.print(f"[green]exported[/] {method} of {name} to {written}" + (" (merged)" if merge else ""))
+
+
+@app.command()
+@user_errors
 def migrate(store: StoreOpt = None) -> None:
     """Bring a results store to the current schema."""
     from peftlab.store import migrate as run_migrations

@@ -140,6 +140,52 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert markdown.returncode == 0, markdown.stderr
     lines = markdown.stdout.splitlines()
     assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
+    assert_exports(home, tmp_path, good, tiny_bert_dir)
+
+
+def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> None:
+    """`peftlab export` of the e2e sweep: the adapter with its card, the merged model, the refusals."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftlab.workers.methods import get_method
+
+    out = tmp_path / "export" / "full"
+    done = run_cli("export", "e2e", "--method", "full", "--out", str(out), home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    source = home / "adapters" / "e2e" / good.trial_id
+    assert {p.name for p in source.iterdir()} < {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert good.trial_id in card and f"{good.final_metrics['eval/loss']:.4f}" in card and "lr | 0.003" in card
+    assert json.loads((out / "peftlab-export.json").read_text())["trial_id"] == good.trial_id
+
+    merged = tmp_path / "export" / "full-merged"
+    done = run_cli("export", "e2e", "--method", "full", "--out", str(merged), "--merge", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A plain transformers model, scoring as the trained adapter on its base does.
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    batch = tokenizer(["a fine and moving film", "dull, flat and far too long"], return_tensors="pt", padding=True)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=plain.config.num_labels)
+    adapted = get_method("full").load(base, source)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, adapted(**batch).logits, atol=1e-5)
+
+    # One line, exit 2, nothing written, for each: the folder exists, an unknown or unfinished method,
+    # a method whose adapter was never saved (ASHA stopped lora), --merge of a non-mergeable method.
+    refusals = {
+        "exists": (["--method", "full", "--out", str(out)], "already exists"),
+        "unknown method": (["--method", "nope", "--out", str(tmp_path / "x1")], "unknown method 'nope'"),
+        "method not run": (["--method", "dora", "--out", str(tmp_path / "x2")], "no finished trial of method 'dora'"),
+        "no adapter": (["--method", "lora", "--out", str(tmp_path / "x3")], "is not at"),
+        "not mergeable": (["--method", "houlsby", "--out", str(tmp_path / "x4"), "--merge"], "not mergeable"),
+    }
+    for case, (args, expected) in refusals.items():
+        refused = run_cli("export", "e2e", *args, home=home)
+        assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["full", "full-merged"]
 
 
 @pytest.mark.postgres
