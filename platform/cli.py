@@ -326,6 +326,42 @@ def methods_markdown(described: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@app.command("eval")
+@user_errors
+def evaluate(
+    name: Annotated[str, typer.Argument(help="Experiment name.")],
+    trial: Annotated[Optional[str], typer.Option("--trial", help="The trial whose adapter is scored.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Or: the best trial of this method.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="The task, where the method ran on several.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Another data set of the task's type and labels (a registry name, a file or a Hub id); "
+                          "default: the trial's own evaluation data.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Load a saved adapter onto its base model and print its metrics on evaluation data."""
+    from peftlab.locations import require_store
+    from peftlab.scoring import score
+    from peftlab.store import ResultsStore
+
+    url = settings.store_url(store)
+    require_store(url)
+    record, metrics = score(ResultsStore(url, read_only=True), name, trial_id=trial, method=method, task=task,
+                            dataset=dataset)
+    where = dataset or f"the evaluation data of {record.task}"
+    table = Table(title=f"{record.method} trial {record.trial_id} of {name} on {where}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value")
+    if dataset is None:
+        table.add_column("recorded at the trial's end")
+    for key, value in metrics.items():
+        row = [f"eval/{key}", f"{value:.6f}"]
+        if dataset is None:
+            recorded = record.final_metrics.get(f"eval/{key}")
+            row.append("-" if recorded is None else f"{recorded:.6f}")
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command()
 @user_errors
 def export(

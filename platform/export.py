@@ -1,15 +1,20 @@
-"""`peftlab export`: a method's best trial of an experiment as a self-contained folder, its adapter
-with a model card, or (`--merge`) a plain Hugging Face model with the adapter folded in."""
+"""Using what a sweep found: find a method's best trial and its saved adapter, load it onto its base
+model, and `peftlab export` it as a folder (adapter and model card, or a merged plain model)."""
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from peftlab import settings
 from peftlab.errors import UserError
+from peftlab.spec import ExperimentSpec, TaskSpec
 from peftlab.store import LeaderboardRow, ResultsStore, TrialRecord
 
 
@@ -115,21 +120,51 @@ def export(store: ResultsStore, experiment: str, method: str, out: Path, *, task
     return out
 
 
-def _merged(spec: dict, trial: TrialRecord, method, adapter: Path, folder: Path) -> None:
-    """The base model with the trial's adapter folded into its weights, saved by transformers."""
+@dataclass
+class Adapted:
+    """A trial's adapter loaded onto its base model, with what scoring it needs."""
+
+    model: nn.Module
+    processor: Any
+    kind: Any
+    """The task type (peftlab.workers.tasks.TaskKind)."""
+    head: tuple[str, ...]
+    task: TaskSpec
+    data: Any
+    spec: ExperimentSpec
+
+
+def trial_task(spec: dict, trial: TrialRecord) -> tuple[ExperimentSpec, TaskSpec]:
+    """The experiment's spec as recorded, and the trial's task in it."""
     from peftlab.spec import parse_spec
-    from peftlab.workers.tasks import task_kind
 
     parsed = parse_spec(spec)
-    task = next((t for t in parsed.tasks if t.label == trial.task), None)
-    if task is None:
+    own = next((t for t in parsed.tasks if t.label == trial.task), None)
+    if own is None:
         raise UserError(f"the experiment's spec has no task '{trial.task}'")
-    kind, data_dir = task_kind(task.type), settings.data_dir()
-    data = kind.load_data(task, data_dir)
-    base, processor = kind.load_model(parsed.model_for(task), data, data_dir)
-    merged = method.merge(method.load(base, adapter))
+    return parsed, own
+
+
+def load_adapted(spec: dict, trial: TrialRecord, method, adapter: Path, *, task: TaskSpec | None = None) -> Adapted:
+    """The trial's base model as its trial loaded it (dtype, head for its labels), with the saved
+    adapter on it; `task` replaces the trial's own task (another data set of the same type)."""
+    from peftlab.workers.models import LoadOptions
+    from peftlab.workers.tasks import task_kind
+
+    parsed, own = trial_task(spec, trial)
+    kind, data_dir = task_kind(own.type), settings.data_dir()
+    data = kind.load_data(task or own, data_dir)
+    base, processor = kind.load_model(parsed.model_for(own), data, data_dir, LoadOptions(parsed.model_dtype))
+    head = kind.head_modules(base)
+    return Adapted(method.load(base, adapter), processor, kind, head, task or own, data, parsed)
+
+
+def _merged(spec: dict, trial: TrialRecord, method, adapter: Path, folder: Path) -> None:
+    """The base model with the trial's adapter folded into its weights, saved by transformers."""
+    adapted = load_adapted(spec, trial, method, adapter)
+    merged = method.merge(adapted.model)
     if not hasattr(merged, "save_pretrained"):
-        raise UserError(f"{parsed.model_for(task)} is not a Hugging Face model: export it without --merge")
+        raise UserError(f"{trial.model} is not a Hugging Face model: export it without --merge")
     merged.save_pretrained(str(folder))
-    if processor is not None and hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(str(folder))
+    if adapted.processor is not None and hasattr(adapted.processor, "save_pretrained"):
+        adapted.processor.save_pretrained(str(folder))

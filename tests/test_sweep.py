@@ -141,6 +141,44 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     lines = markdown.stdout.splitlines()
     assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
     assert_exports(home, tmp_path, good, tiny_bert_dir)
+    assert_eval(home, tmp_path, good, sentiment_csv)
+
+
+def eval_rows(stdout: str) -> dict[str, list[float]]:
+    """`peftlab eval`'s table: metric -> its numbers (scored now, then recorded)."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0].startswith("eval/"):
+            found[cells[0]] = [float(c) for c in cells[1:] if c not in ("", "-")]
+    return found
+
+
+def assert_eval(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
+    """`peftlab eval` reloads the saved adapter and reproduces the trial's recorded evaluation."""
+    for chosen in (["--method", "full"], ["--trial", good.trial_id]):
+        done = run_cli("eval", "e2e", *chosen, home=home)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = eval_rows(done.stdout)
+        assert {"eval/accuracy", "eval/loss"} <= set(rows), done.stdout
+        for metric, (now, recorded) in rows.items():
+            assert now == recorded == pytest.approx(good.final_metrics[metric], abs=5e-7), metric
+    # The same file named as another data set: same labels, same rows, same numbers.
+    again = run_cli("eval", "e2e", "--method", "full", "--dataset", str(sentiment_csv), home=home)
+    assert again.returncode == 0, again.stderr
+    assert {k: v[0] for k, v in eval_rows(again.stdout).items()} == {k: v[0] for k, v in rows.items()}
+    other = tmp_path / "other-labels.csv"
+    other.write_text("text,label\n" + "".join(f"sentence {i},{'xyz'[i % 3]}\n" for i in range(30)))
+    refusals = {
+        "other labels": (["--method", "full", "--dataset", str(other)], "the adapter was trained on"),
+        "no such trial": (["--trial", "nope"], "has no trial 'nope'"),
+        "nothing named": ([], "--trial ID or --method M"),
+        "no adapter": (["--method", "lora"], "is not at"),
+    }
+    for case, (args, expected) in refusals.items():
+        refused = run_cli("eval", "e2e", *args, home=home)
+        assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
 
 
 def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> None:

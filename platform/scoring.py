@@ -1,0 +1,60 @@
+"""`peftlab eval`: a saved adapter on its base model, scored on the trial's own evaluation data (where
+it reproduces the stored numbers) or on another data set of the same task type and labels."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from peftlab import settings
+from peftlab.errors import UserError
+from peftlab.export import adapter_folder, best_row, load_adapted, trial_task
+from peftlab.spec import TaskSpec
+from peftlab.store import ResultsStore, TrialRecord
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def chosen_trial(store: ResultsStore, experiment: str, *, trial_id: str | None, method: str | None,
+                 task: str | None) -> TrialRecord:
+    """The trial named by id, or the best trial of a method."""
+    if (trial_id is None) == (method is None):
+        raise UserError("name the adapter to score: --trial ID or --method M (one of them)")
+    if trial_id is None:
+        trial_id = best_row(store, experiment, method, task).trial_id
+    elif store.get_experiment(experiment) is None:
+        raise UserError(f"no experiment named '{experiment}'")
+    trial = store.get_trial(experiment, trial_id)
+    if trial is None:
+        raise UserError(f"experiment '{experiment}' has no trial '{trial_id}'")
+    return trial
+
+
+def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, method: str | None = None,
+          task: str | None = None, dataset: str | None = None) -> tuple[TrialRecord, dict[str, float]]:
+    """The chosen trial and its metrics on its evaluation data, or on `dataset`'s."""
+    from peftlab.workers.methods import get_method
+    from peftlab.workers.tasks import task_kind
+
+    trial = chosen_trial(store, experiment, trial_id=trial_id, method=method, task=task)
+    adapter = adapter_folder(experiment, trial.trial_id)
+    spec = store.get_experiment(experiment).spec
+    other = None
+    if dataset is not None:
+        _, own = trial_task(spec, trial)
+        other = TaskSpec.model_validate({**own.model_dump(), "dataset": dataset, "name": None})
+        kind = task_kind(own.type)
+        trained = getattr(kind.load_data(own, settings.data_dir()), "label_names", None)
+        given = getattr(kind.load_data(other, settings.data_dir()), "label_names", None)
+        if trained != given:
+            raise UserError(f"dataset '{dataset}' has labels {given}; the adapter was trained on {trained}, and "
+                            "a classifier can only be scored on the labels it learnt")
+    adapted = load_adapted(spec, trial, get_method(trial.method), adapter, task=other)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    training = adapted.spec.training
+    evaluation = adapted.kind.build_task(adapted.data, adapted.processor, adapted.head, adapted.task, training,
+                                         settings.data_dir())
+    dtype = AUTOCAST.get(training.precision)
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        metrics = evaluation.evaluate(adapted.model.to(device), training.eval_batch_size, device)
+    return trial, metrics
