@@ -364,6 +364,36 @@ def evaluate(
 
 @app.command()
 @user_errors
+def predict(
+    name: Annotated[str, typer.Argument(help="Experiment name.")],
+    file: Annotated[Path, typer.Option("--file", help="Rows to label: a csv, tsv, json or jsonl file with the "
+                                       "task's text column.")],
+    out: Annotated[Path, typer.Option("--out", help="A new csv file for the predictions.")],
+    trial: Annotated[Optional[str], typer.Option("--trial", help="The trial whose adapter predicts.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Or: the best trial of this method.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="The task, where the method ran on several.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Label each row of a file with a saved adapter: row, text, prediction and its probability."""
+    from peftlab.locations import require_store
+    from peftlab.scoring import predict as predictions
+    from peftlab.store import ResultsStore
+
+    if out.exists():
+        raise UserError(f"{out} already exists: choose a new file for the predictions")
+    url = settings.store_url(store)
+    require_store(url)
+    record, rows = predictions(ResultsStore(url, read_only=True), name, file, trial_id=trial, method=method,
+                               task=task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(_csv(rows, empty=["row", "prediction", "probability"]))
+    partial.rename(out)
+    console.print(f"[green]{len(rows)} predictions[/] of {record.method} trial {record.trial_id} written to {out}")
+
+
+@app.command()
+@user_errors
 def export(
     name: Annotated[str, typer.Argument(help="Experiment name.")],
     method: Annotated[str, typer.Option("--method", help="The method whose best trial is exported.")],

@@ -151,6 +151,11 @@ def load_adapted(spec: dict, trial: TrialRecord, method, adapter: Path, *, task:
     from peftlab.workers.models import LoadOptions
     from peftlab.workers.tasks import task_kind
 
+    import transformers
+
+    # A command's output, not a training log: no per-load progress bars or reports of the new head.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     parsed, own = trial_task(spec, trial)
     kind, data_dir = task_kind(own.type), settings.data_dir()
     data = kind.load_data(task or own, data_dir)

@@ -1,8 +1,10 @@
-"""`peftlab eval`: a saved adapter on its base model, scored on the trial's own evaluation data (where
-it reproduces the stored numbers) or on another data set of the same task type and labels."""
+"""`peftlab eval` and `peftlab predict`: a saved adapter on its base model, scored on the trial's own
+evaluation data (where it reproduces the stored numbers) or another data set with the same labels,
+or predicting a label for each row of a file."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -58,3 +60,24 @@ def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, 
     with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         metrics = evaluation.evaluate(adapted.model.to(device), training.eval_batch_size, device)
     return trial, metrics
+
+
+def predict(store: ResultsStore, experiment: str, path: Path, *, trial_id: str | None = None,
+            method: str | None = None, task: str | None = None) -> tuple[TrialRecord, list[dict]]:
+    """The chosen trial and one prediction per row of the file at `path`."""
+    from peftlab.workers.methods import get_method
+    from peftlab.workers.tasks import task_kind
+
+    trial = chosen_trial(store, experiment, trial_id=trial_id, method=method, task=task)
+    adapter = adapter_folder(experiment, trial.trial_id)
+    spec = store.get_experiment(experiment).spec
+    _, own = trial_task(spec, trial)
+    inputs = task_kind(own.type).prediction_inputs(own, path)  # a bad file is refused before the model loads
+    adapted = load_adapted(spec, trial, get_method(trial.method), adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    training = adapted.spec.training
+    dtype = AUTOCAST.get(training.precision)
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        rows = adapted.kind.predict(adapted.model.to(device), adapted.processor, adapted.data, adapted.task,
+                                    training, inputs)
+    return trial, rows

@@ -142,6 +142,44 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
     assert_exports(home, tmp_path, good, tiny_bert_dir)
     assert_eval(home, tmp_path, good, sentiment_csv)
+    assert_predict(home, tmp_path, good, sentiment_csv)
+
+
+def assert_predict(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
+    """`peftlab predict` labels the trial's own evaluation sentences as its evaluation scored them."""
+    import pandas as pd
+
+    from peftlab.workers.data import load_text_classification
+
+    data = load_text_classification(str(sentiment_csv), max_eval_samples=120)
+    rows = tmp_path / "to-label.csv"
+    pd.DataFrame({"text": data.eval_texts}).to_csv(rows, index=False)
+    out = tmp_path / "predictions.csv"
+    done = run_cli("predict", "e2e", "--method", "full", "--file", str(rows), "--out", str(out), home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    predicted = pd.read_csv(out)
+    assert list(predicted.columns) == ["row", "text", "prediction", "probability"]
+    assert predicted["row"].tolist() == list(range(1, len(data.eval_texts) + 1))
+    assert predicted["text"].tolist() == data.eval_texts
+    assert predicted["probability"].between(0.5, 1.0).all()  # two classes: the winner has at least half
+    gold = [data.label_names[label] for label in data.eval_labels]
+    accuracy = (predicted["prediction"].astype(str) == pd.Series(gold).astype(str)).mean()
+    assert accuracy == pytest.approx(good.final_metrics["eval/accuracy"], abs=1e-9)
+
+    blank, untitled = tmp_path / "blank.csv", tmp_path / "untitled.csv"
+    blank.write_text("text\nfine\n\"  \"\n")
+    untitled.write_text("sentence\nfine\n")
+    refusals = {
+        "out exists": (["--file", str(rows), "--out", str(out)], "already exists"),
+        "no text column": (["--file", str(untitled), "--out", str(tmp_path / "p1.csv")],
+                           "missing text column 'text' (available columns: sentence)"),
+        "empty text": (["--file", str(blank), "--out", str(tmp_path / "p2.csv")], "data rows 2"),
+    }
+    for case, (args, expected) in refusals.items():
+        refused = run_cli("predict", "e2e", "--method", "full", *args, home=home)
+        assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
+    assert not (tmp_path / "p1.csv").exists() and not (tmp_path / "p2.csv").exists()
 
 
 def eval_rows(stdout: str) -> dict[str, list[float]]:

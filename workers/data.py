@@ -268,6 +268,14 @@ def load_texts(source: str, *, column: str = "text", limit: int, data_dir: Path 
     return _texts(frame[column], column, source)[:limit]
 
 
+def read_file_texts(path: Path, column: str = "text") -> list[str]:
+    """Every text of a local file's `column` (csv, tsv, json, jsonl), none empty."""
+    frame = _read_file(path)
+    if column not in frame.columns:
+        raise UserError(_missing_column("text", column, list(frame.columns)), where=str(path))
+    return _texts(frame[column], column, str(path))
+
+
 def _subsample(indices: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
     if limit is None or limit >= len(indices):
         return indices

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftlab.errors import UserError
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
 
@@ -62,6 +63,15 @@ class TaskKind(ABC):
     def build_task(self, data: Any, processor: Any, head: tuple[str, ...], spec: TaskSpec,
                    training: TrainingSpec, data_dir: Path | None) -> Task:
         """The Task for a loaded model's processor and head modules."""
+
+    def prediction_inputs(self, spec: TaskSpec, path: Path) -> Any:
+        """The rows of a local file to predict (`peftlab predict`), read and checked before any model loads."""
+        raise UserError(f"predict does not support task type {self.name} yet; `peftlab eval` scores it")
+
+    def predict(self, model: nn.Module, processor: Any, data: Any, spec: TaskSpec, training: TrainingSpec,
+                inputs: Any) -> list[dict[str, Any]]:
+        """One prediction per input row, as table rows."""
+        raise UserError(f"predict does not support task type {self.name} yet; `peftlab eval` scores it")
 
 
 class HeadInputs:

@@ -130,6 +130,30 @@ class TextClassificationKind(TaskKind):
 
         return head_modules(model)
 
+    def prediction_inputs(self, spec: TaskSpec, path: Path) -> list[str]:
+        from peftlab.workers.data import read_file_texts
+
+        return read_file_texts(path, spec.text_column)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, processor, data: TextClassificationData, spec: TaskSpec,
+                training: TrainingSpec, inputs: list[str]) -> list[dict]:
+        """The label and its probability for each text, in order."""
+        texts = inputs
+        model.eval()
+        device = next(model.parameters()).device
+        rows = []
+        for start in range(0, len(texts), training.eval_batch_size):
+            chunk = texts[start:start + training.eval_batch_size]
+            batch = _encode(processor, chunk, [0] * len(chunk), training.max_length)
+            batch.pop("labels")
+            probabilities = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
+            best, index = probabilities.max(-1)
+            rows += [{"row": start + i + 1, spec.text_column: text, "prediction": data.label_names[k],
+                      "probability": round(float(p), 6)}
+                     for i, (text, k, p) in enumerate(zip(chunk, index.tolist(), best.tolist(), strict=True))]
+        return rows
+
     def build_task(self, data: TextClassificationData, processor, head: tuple[str, ...], spec: TaskSpec,
                    training: TrainingSpec, data_dir: Path | None) -> TextClassificationTask:
         return TextClassificationTask(data, processor, training.max_length, head=head,
