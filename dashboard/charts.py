@@ -79,9 +79,11 @@ def domain_heatmap(score: pd.DataFrame, tasks: pd.DataFrame) -> go.Figure:
     return _tidy(fig, max(300, 60 * len(score.index) + 120))
 
 
-def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str) -> go.Figure:
+def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str, methods=None) -> go.Figure:
     """Points on log(cost) vs metric, coloured by method, the Pareto front as a staircase.
-    Trials (with a status: early-stopped ones open) or per-task method summaries (without)."""
+    Trials (with a status: early-stopped ones open) or per-task method summaries (without).
+    `methods`: every method the colours are assigned over (default: those shown), so that a
+    filter does not recolour the others."""
     hover = {"task": True, "trial_id": True, "hparams": True, "objective": ":.4f", cost: True}
     if "status" in points:
         shown = points.assign(status=points["status"].map(
@@ -91,7 +93,7 @@ def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str) -> go.Figure:
     else:
         shown, symbols = points, {}
         hover["n_seeds"] = True
-    fig = px.scatter(shown, x=cost, y=y, color="method", color_discrete_map=method_colors(shown["method"]),
+    fig = px.scatter(shown, x=cost, y=y, color="method", color_discrete_map=method_colors(shown["method"] if methods is None else methods),
                      log_x=True, hover_data=hover, **symbols)
     fig.update_traces(marker=dict(size=10, line=dict(width=2)))  # open markers need a visible ring
     front = points.loc[points["on_front"]].sort_values(cost)

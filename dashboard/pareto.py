@@ -45,7 +45,8 @@ def render() -> None:
     if len(plotted) < len(points):
         st.caption(f"{len(points) - len(plotted)} point(s) without a recorded "
                    f"{COSTS[cost].lower()} are not plotted.")
-    st.plotly_chart(charts.pareto(plotted, cost, y, y_title))
+    every_method = loaders.filter_options(ctx.url)["method"]  # colours that no filter changes
+    st.plotly_chart(charts.pareto(plotted, cost, y, y_title, methods=[*every_method, *plotted["method"]]))
     st.subheader("On the front")
     widgets.table(front[columns], "pareto_front")
 

@@ -7,8 +7,9 @@ Definitions (the dashboard states them where it shows them):
   same interval. One seed gives the single value as its interval.
 - Verdict: `best` is the method whose best configuration has the best mean (highest score).
   Every other method is compared with it on the seeds both ran (a seed gives both the same data
-  order), by a two-sided paired t-test on the per-seed score differences; the p-values of a
-  board's methods are Holm-corrected together. `worse`: corrected p < 0.05; `tied`: not
+  order), by a two-sided paired t-test on the per-seed score differences (differences without
+  spread: the exact sign test, p = 2 * 0.5**n); the p-values of a board's methods are
+  Holm-corrected together. `worse`: corrected p < 0.05; `tied`: not
   separated at that level; `untested`: fewer than two shared seeds, so nothing can be judged.
 - Rank: 1 = best mean on a task (experiment and task); equal means share the average rank.
 - Normalized score: the method's mean minus the best method's mean on the same task, in the
@@ -83,12 +84,13 @@ def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_p(differences: np.ndarray) -> float:
-    """Two-sided paired t-test p-value of per-seed differences (no difference at all: 1)."""
+    """Two-sided paired t-test p-value of per-seed differences. Differences without spread leave
+    the t statistic undefined (0/0, or infinite): all zero give 1, all alike the exact two-sided
+    sign test's 2 * 0.5**n, so a constant gap over few seeds is not taken for certainty."""
     from scipy import stats as scipy_stats
 
     if np.ptp(differences) <= FLAT * max(1.0, float(np.abs(differences).max())):
-        # No spread (up to rounding): the t statistic is 0/0 (all zero) or infinite.
-        return float(np.allclose(differences, 0.0))
+        return 1.0 if np.allclose(differences, 0.0) else min(1.0, 2 * 0.5 ** len(differences))
     return float(scipy_stats.ttest_1samp(differences, 0.0).pvalue)
 
 

@@ -13,24 +13,54 @@ PARTIAL = ".partial"
 """Suffix of a file still being written (hidden, beside its destination); a kill leaves only these."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+"""The process's umask, read once: written files get the mode an ordinary open() would give."""
+
+
 class _ReplacedOnClose(io.FileIO):
-    """A file written under a temporary name and renamed over its destination when closed."""
+    """A file written under a temporary name and renamed over its destination when closed; one whose
+    writing failed, or that is dropped without being closed, is removed and the old file stays."""
 
     def __init__(self, path: str) -> None:
         folder, name = os.path.split(path)
         descriptor, self._partial = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=PARTIAL)
+        os.chmod(self._partial, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from a shared mount's readers
         super().__init__(descriptor, "wb", closefd=True)
-        self._destination = path
+        self._destination, self._failed = path, False
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def abort(self) -> None:
+        """Drop what was written; the destination keeps its old content."""
+        self._failed = True
+        self.close()
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            self.flush()
-            os.fsync(self.fileno())  # the rename must not land before the bytes do
+            if not self._failed:
+                self.flush()
+                os.fsync(self.fileno())  # the rename must not land before the bytes do
+        except BaseException:
+            self._failed = True
+            raise
         finally:
             super().close()
-        os.replace(self._partial, self._destination)
+            if self._failed:
+                os.unlink(self._partial)
+        if not self._failed:
+            os.replace(self._partial, self._destination)
+
+    def __del__(self) -> None:
+        if not self.closed:  # garbage, not a finished file
+            self.abort()
 
 
 class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
@@ -83,9 +113,15 @@ class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
         self._local.move(src, dest)
 
     def copy_file(self, src: str, dest: str) -> None:
-        with self._local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
-            while chunk := source.read(1 << 20):
-                target.write(chunk)
+        target = _ReplacedOnClose(dest)
+        try:
+            with self._local.open_input_stream(src) as source:
+                while chunk := source.read(1 << 20):
+                    target.write(chunk)
+        except BaseException:
+            target.abort()
+            raise
+        target.close()
 
     def open_input_stream(self, path: str):
         return self._local.open_input_stream(path)

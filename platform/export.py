@@ -159,7 +159,7 @@ def load_adapted(spec: dict, trial: TrialRecord, method, adapter: Path, *, task:
     parsed, own = trial_task(spec, trial)
     kind, data_dir = task_kind(own.type), settings.data_dir()
     data = kind.load_data(task or own, data_dir)
-    base, processor = kind.load_model(parsed.model_for(own), data, data_dir, LoadOptions(parsed.model_dtype))
+    base, processor = kind.load_model(parsed.model_for(own), data, data_dir, LoadOptions(parsed.model_dtype, parsed.quantization))
     head = kind.head_modules(base)
     return Adapted(method.load(base, adapter), processor, kind, head, task or own, data, parsed)
 

@@ -68,3 +68,29 @@ def test_the_filesystem_pickles_for_workers(tmp_path):
     assert [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(str(tmp_path), recursive=True))
             if info.type == pyarrow.fs.FileType.File] == ["f.txt"]
     assert not Path(tmp_path / "a" / "b" / f".f.txt.x{PARTIAL}").exists()
+
+
+def test_a_write_that_fails_or_is_dropped_leaves_the_old_file(tmp_path):
+    from peftlab.atomic_fs import _ReplacedOnClose
+
+    target = tmp_path / "state.json"
+    target.write_text("old and whole")
+    failing = _ReplacedOnClose(str(target))
+    failing.write(b"half")
+    failing._failed = True  # what a write error (a full disk) sets
+    failing.close()
+    dropped = _ReplacedOnClose(str(target))
+    dropped.write(b"never closed")
+    del dropped
+    fs = atomic_local_filesystem()
+    try:
+        fs.copy_file(str(tmp_path / "missing.json"), str(target))
+    except FileNotFoundError:
+        pass
+    assert target.read_text() == "old and whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no partial left behind either
+    # A written file has the mode an ordinary open() gives it, not mkstemp's private 0600.
+    with fs.open_output_stream(str(tmp_path / "new.json")) as out:
+        out.write(b"{}")
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777

@@ -114,6 +114,14 @@ def test_equal_scores_on_every_seed_are_tied_and_the_best_is_picked_by_name() ->
     assert out.loc["z", "p_value"] == 1.0
 
 
+def test_a_constant_gap_is_judged_by_the_sign_test() -> None:
+    # Equal gaps on every seed: t is infinite; the sign test needs six seeds to reach p < 0.05.
+    two = verdicts_of({"a": [0.9, 0.8], "b": [0.85, 0.75]})
+    assert two.loc["b", "p_value"] == 0.5 and two.loc["b", "verdict"] == "tied"
+    six = verdicts_of({"a": [0.9] * 6, "b": [0.85] * 6})
+    assert six.loc["b", "p_value"] == pytest.approx(2 / 64) and six.loc["b", "verdict"] == "worse"
+
+
 def test_one_seed_per_method_leaves_every_method_untested() -> None:
     out = verdicts_of({"lora": [0.9], "dora": [0.8], "ia3": [0.7]})
     assert out["verdict"].to_dict() == {"lora": "best", "dora": "untested", "ia3": "untested"}

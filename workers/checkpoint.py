@@ -72,7 +72,9 @@ def claim(folder: Path, owner: dict[str, str]) -> None:
 
 
 def check_owner(folder: Path, owner: dict[str, str]) -> None:
-    """Refuse a checkpoint another trial (or no peftlab trial) wrote: a planted one is never read."""
+    """Refuse a checkpoint that another trial (or no peftlab trial) wrote. The record names the
+    trial, it does not sign the files: the storage itself must be writable only by those who run
+    peftlab, as Tune's own state there is unpickled on restore."""
     try:
         found = json.loads((folder / OWNER_FILE).read_text())
     except (OSError, ValueError):

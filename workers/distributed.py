@@ -175,12 +175,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     stepper = DeepSpeedStepper(trial.model, trial.settings, trial.device, spec, on_gpu=on_gpu)
     trial_id, node = loop_config["trial_id"], ray.get_runtime_context().get_node_id()
     owner = {"experiment": context.experiment, "trial_id": trial_id}
-    reporter = None
-    if loop_config["checkpoints"] and context.can_checkpoint(rank_nodes(node)):
-        reporter = checkpoint_reporter(owner, ray.train.report, ray.train.Checkpoint, rank=stepper.rank)
+    here = loop_config["checkpoints"] and context.can_checkpoint(rank_nodes(node))
+    reporter = checkpoint_reporter(owner, ray.train.report, ray.train.Checkpoint, rank=stepper.rank) if here else None
     # Every rank calls report (Ray Train's barrier) and Tune keeps rank 0's; under ZeRO-3 every
-    # rank must also run the same evaluation forwards, as each gathers parameters from all.
-    with resumed_checkpoint(ray.train.get_checkpoint(), owner) as resume:
+    # rank must also run the same evaluation forwards, as each gathers parameters from all. Ranks
+    # placed where the storage cannot be reached start from step 0, all of them alike.
+    with resumed_checkpoint(ray.train.get_checkpoint() if here else None, owner) as resume:
         TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
                   report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
                   adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),

@@ -283,8 +283,10 @@ def run_trial(config: dict, context: TrialContext) -> None:
                           after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
         owner = {"experiment": context.experiment, "trial_id": trial_id}
         node = ray.get_runtime_context().get_node_id()
-        reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if context.can_checkpoint([node]) else None
-        with resumed_checkpoint(tune.get_checkpoint(), owner) as resume:
+        here = context.can_checkpoint([node])
+        reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if here else None
+        # A retry placed where the storage cannot be reached starts from step 0.
+        with resumed_checkpoint(tune.get_checkpoint() if here else None, owner) as resume:
             TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
                       report=lambda record: tune.report(record.to_result()), save=method.save,
                       adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
