@@ -155,3 +155,38 @@ def test_preprocess_tensor_and_pil_agree():
         preprocess(pixels.float())
     with pytest.raises(UserError, match="N, 3, H, W"):
         preprocess(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit"])
+def test_a_reloaded_adapter_keeps_the_batch_norm_statistics_training_moved(data_dir, tmp_path, name):
+    # Batch norms with trainable parameters (bitfit's) update their running statistics in training;
+    # the saved adapter carries them, so the reloaded model scores as the trained one did.
+    from peftlab.workers.methods import TaskInfo, get_method
+    from peftlab.workers.methods.base import NORM_STATISTICS
+    from peftlab.workers.models import image_head_modules, load_image_classifier
+
+    torch.manual_seed(0)
+    base, _ = load_image_classifier("resnet20-cifar10", 2, data_dir)
+    method = get_method(name)
+    task = TaskInfo("image-classification", 2, image_head_modules(base))
+    model = method.apply(base, {}, task).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(pixel_values=torch.randn(8, 3, 32, 32) * 2 + 1)
+    method.save(model, tmp_path / "adapter")
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        trained = model.eval()(pixel_values=images).logits
+
+    def reloaded() -> torch.Tensor:
+        torch.manual_seed(0)
+        fresh, _ = load_image_classifier("resnet20-cifar10", 2, data_dir)
+        with torch.no_grad():
+            return method.load(fresh, tmp_path / "adapter")(pixel_values=images).logits
+
+    assert torch.allclose(reloaded(), trained, atol=1e-5)
+    if name == "lora":  # a frozen backbone's norms stay in eval mode: nothing moved, nothing to carry
+        assert not (tmp_path / "adapter" / NORM_STATISTICS).exists()
+        return
+    (tmp_path / "adapter" / NORM_STATISTICS).unlink()
+    assert not torch.allclose(reloaded(), trained, atol=1e-3)  # without them the scores differ

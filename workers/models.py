@@ -136,6 +136,9 @@ class LogitsClassifier(nn.Module):
         self.net = net
         self.default_target_modules = getattr(net, "default_target_modules", None)
 
+    pins_frozen_norms = True
+    """Frozen batch norms stay in eval mode (see train): a saved adapter need not carry their statistics."""
+
     def train(self, mode: bool = True) -> LogitsClassifier:
         """Batch norms whose parameters are all frozen stay in eval mode: a frozen layer should not
         change, and in train mode its running statistics would drift with the new data."""

@@ -9,12 +9,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from peftlab.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "peftlab_adapter.json"
+NORM_STATISTICS = "peftlab_norm_statistics.safetensors"
+"""Batch norms' running statistics, which move in training even where the norm itself is frozen,
+so a reloaded adapter scores as its trial did; absent for models without batch norm."""
 SIZE_SCAN_LIMIT = 4096  # sizes tried when the budget's size does not fit the model
 CLASSIFICATION = ("text-classification", "image-classification")
 """Task types that add a new head (a causal LM keeps its pretrained one)."""
@@ -99,6 +103,17 @@ class Applied:
     hparams: dict
     task: TaskInfo
 
+
+
+def norm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every batch norm that training moved, by buffer name: those with
+    trainable parameters, and frozen ones too unless the model keeps them in eval mode
+    (`pins_frozen_norms`, as peftlab's CIFAR ResNets do)."""
+    pinned = bool(getattr(model, "pins_frozen_norms", False))
+    return {f"{name}.{buffer}": value.detach().contiguous()
+            for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not (pinned and not any(p.requires_grad for p in module.parameters()))
+            for buffer, value in module.named_buffers(recurse=False) if value is not None}
 
 class Method(ABC):
     """A PEFT method. Subclasses set the class variables and implement _apply and _count.
@@ -211,12 +226,31 @@ class Method(ABC):
         unexpected = model.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), strict=False).unexpected_keys
         if unexpected:
             raise UserError(f"adapter at {path} does not fit this model: unexpected tensors {unexpected[:5]}")
+        self._load_norm_statistics(model, path)
         return model.requires_grad_(False).eval()
 
     def _write_meta(self, model: nn.Module, path: Path) -> None:
+        """peftlab's json beside every saved adapter, and the batch norms' statistics."""
+        from safetensors.torch import save_file
+
         applied: Applied = model.peftlab_applied
         meta = {"method": applied.method, "hparams": applied.hparams, "task": asdict(applied.task)}
         (path / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        statistics = norm_statistics(model)
+        if statistics:
+            save_file(statistics, str(path / NORM_STATISTICS))
+
+    @staticmethod
+    def _load_norm_statistics(model: nn.Module, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if (Path(path) / NORM_STATISTICS).is_file():
+            buffers = dict(model.named_buffers())
+            with torch.no_grad():
+                for name, value in load_file(str(Path(path) / NORM_STATISTICS)).items():
+                    if name not in buffers:
+                        raise UserError(f"adapter at {path} does not fit this model: no buffer {name}")
+                    buffers[name].copy_(value)
 
     def _read_meta(self, path: Path) -> tuple[dict, TaskInfo]:
         meta = json.loads((path / ADAPTER_META).read_text())

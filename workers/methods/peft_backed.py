@@ -109,6 +109,7 @@ class PeftMethod(Method):
         hp, task = self._read_meta(Path(path))
         model = PeftModel.from_pretrained(base_model, str(path))
         model.peftlab_applied = Applied(self.name, hp, task)
+        self._load_norm_statistics(model, path)
         return model.requires_grad_(False).eval()  # peft leaves a reloaded prompt table trainable
 
 
