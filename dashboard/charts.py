@@ -93,8 +93,9 @@ def pareto(points: pd.DataFrame, cost: str, y: str, y_title: str, methods=None) 
     else:
         shown, symbols = points, {}
         hover["n_seeds"] = True
-    fig = px.scatter(shown, x=cost, y=y, color="method", color_discrete_map=method_colors(shown["method"] if methods is None else methods),
-                     log_x=True, hover_data=hover, **symbols)
+    colors = method_colors(shown["method"] if methods is None else methods)
+    fig = px.scatter(shown, x=cost, y=y, color="method", color_discrete_map=colors, log_x=True,
+                     hover_data=hover, **symbols)
     fig.update_traces(marker=dict(size=10, line=dict(width=2)))  # open markers need a visible ring
     front = points.loc[points["on_front"]].sort_values(cost)
     fig.add_trace(go.Scatter(x=front[cost], y=front[y], mode="lines", line_shape="hv",

@@ -55,8 +55,8 @@ class _ReplacedOnClose(io.FileIO):
             super().close()
             if self._failed:
                 os.unlink(self._partial)
-        if not self._failed:
-            os.replace(self._partial, self._destination)
+            else:
+                os.replace(self._partial, self._destination)
 
     def __del__(self) -> None:
         if not self.closed:  # garbage, not a finished file

@@ -162,6 +162,17 @@ def _open_store(url: str | None):
     return ResultsStore(url)  # an older store is brought to the current schema, as `run` does
 
 
+def _read_store(url: str | None):
+    """The results store opened for reading only (it must be at the current schema)."""
+    from peftlab.store import ResultsStore
+
+    from peftlab.locations import require_store
+
+    url = settings.store_url(url)
+    require_store(url)
+    return ResultsStore(url, read_only=True)
+
+
 class ResultTable(str, Enum):
     leaderboard = "leaderboard"
     seeds = "seeds"
@@ -339,13 +350,9 @@ def evaluate(
     store: StoreOpt = None,
 ) -> None:
     """Load a saved adapter onto its base model and print its metrics on evaluation data."""
-    from peftlab.locations import require_store
     from peftlab.scoring import score
-    from peftlab.store import ResultsStore
 
-    url = settings.store_url(store)
-    require_store(url)
-    record, metrics = score(ResultsStore(url, read_only=True), name, trial_id=trial, method=method, task=task,
+    record, metrics = score(_read_store(store), name, trial_id=trial, method=method, task=task,
                             dataset=dataset)
     where = dataset or f"the evaluation data of {record.task}"
     table = Table(title=f"{record.method} trial {record.trial_id} of {name} on {where}", title_justify="left")
@@ -375,15 +382,11 @@ def predict(
     store: StoreOpt = None,
 ) -> None:
     """Label each row of a file with a saved adapter: row, text, prediction and its probability."""
-    from peftlab.locations import require_store
     from peftlab.scoring import predict as predictions
-    from peftlab.store import ResultsStore
 
     if out.exists():
         raise UserError(f"{out} already exists: choose a new file for the predictions")
-    url = settings.store_url(store)
-    require_store(url)
-    record, rows = predictions(ResultsStore(url, read_only=True), name, file, trial_id=trial, method=method,
+    record, rows = predictions(_read_store(store), name, file, trial_id=trial, method=method,
                                task=task)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
@@ -405,12 +408,8 @@ def export(
 ) -> None:
     """A method's best trial as a self-contained folder: its adapter and a model card (README.md)."""
     from peftlab.export import export as write_export
-    from peftlab.locations import require_store
-    from peftlab.store import ResultsStore
 
-    url = settings.store_url(store)
-    require_store(url)
-    written = write_export(ResultsStore(url, read_only=True), name, method, out, task=task, merge=merge)
+    written = write_export(_read_store(store), name, method, out, task=task, merge=merge)
     console.print(f"[green]exported[/] {method} of {name} to {written}" + (" (merged)" if merge else ""))
 
 

@@ -145,21 +145,25 @@ def trial_task(spec: dict, trial: TrialRecord) -> tuple[ExperimentSpec, TaskSpec
     return parsed, own
 
 
-def load_adapted(spec: dict, trial: TrialRecord, method, adapter: Path, *, task: TaskSpec | None = None) -> Adapted:
-    """The trial's base model as its trial loaded it (dtype, head for its labels), with the saved
-    adapter on it; `task` replaces the trial's own task (another data set of the same type)."""
+def load_adapted(spec: dict, trial: TrialRecord, method, adapter: Path, *, task: TaskSpec | None = None,
+                 data: Any = None) -> Adapted:
+    """The trial's base model as its trial loaded it (dtype, quantization, head for its labels), with
+    the saved adapter on it; `task` replaces the trial's own task (another data set of the same
+    type), `data` is that task's data where the caller already loaded it."""
+    import transformers
+
     from peftlab.workers.models import LoadOptions
     from peftlab.workers.tasks import task_kind
-
-    import transformers
 
     # A command's output, not a training log: no per-load progress bars or reports of the new head.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     parsed, own = trial_task(spec, trial)
     kind, data_dir = task_kind(own.type), settings.data_dir()
-    data = kind.load_data(task or own, data_dir)
-    base, processor = kind.load_model(parsed.model_for(own), data, data_dir, LoadOptions(parsed.model_dtype, parsed.quantization))
+    if data is None:
+        data = kind.load_data(task or own, data_dir)
+    options = LoadOptions(parsed.model_dtype, parsed.quantization)
+    base, processor = kind.load_model(parsed.model_for(own), data, data_dir, options)
     head = kind.head_modules(base)
     return Adapted(method.load(base, adapter), processor, kind, head, task or own, data, parsed)
 

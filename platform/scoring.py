@@ -10,11 +10,9 @@ import torch
 
 from peftlab import settings
 from peftlab.errors import UserError
-from peftlab.export import adapter_folder, best_row, load_adapted, trial_task
+from peftlab.export import Adapted, adapter_folder, best_row, load_adapted, trial_task
 from peftlab.spec import TaskSpec
 from peftlab.store import ResultsStore, TrialRecord
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def chosen_trial(store: ResultsStore, experiment: str, *, trial_id: str | None, method: str | None,
@@ -32,6 +30,17 @@ def chosen_trial(store: ResultsStore, experiment: str, *, trial_id: str | None, 
     return trial
 
 
+@contextlib.contextmanager
+def _on_device(adapted: Adapted):
+    """The adapted model on the GPU where there is one, under the autocast its trial trained with."""
+    from peftlab.workers.train import AUTOCAST_DTYPES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = AUTOCAST_DTYPES.get(adapted.spec.training.precision)
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        yield adapted.model.to(device), device
+
+
 def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, method: str | None = None,
           task: str | None = None, dataset: str | None = None) -> tuple[TrialRecord, dict[str, float]]:
     """The chosen trial and its metrics on its evaluation data, or on `dataset`'s."""
@@ -41,25 +50,23 @@ def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, 
     trial = chosen_trial(store, experiment, trial_id=trial_id, method=method, task=task)
     adapter = adapter_folder(experiment, trial.trial_id)
     spec = store.get_experiment(experiment).spec
-    other = None
+    other = data = None
     if dataset is not None:
         _, own = trial_task(spec, trial)
         other = TaskSpec.model_validate({**own.model_dump(), "dataset": dataset, "name": None})
         kind = task_kind(own.type)
+        data = kind.load_data(other, settings.data_dir())
         trained = getattr(kind.load_data(own, settings.data_dir()), "label_names", None)
-        given = getattr(kind.load_data(other, settings.data_dir()), "label_names", None)
+        given = getattr(data, "label_names", None)
         if trained != given:
             raise UserError(f"dataset '{dataset}' has labels {given}; the adapter was trained on {trained}, and "
                             "a classifier can only be scored on the labels it learnt")
-    adapted = load_adapted(spec, trial, get_method(trial.method), adapter, task=other)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapted = load_adapted(spec, trial, get_method(trial.method), adapter, task=other, data=data)
     training = adapted.spec.training
     evaluation = adapted.kind.build_task(adapted.data, adapted.processor, adapted.head, adapted.task, training,
                                          settings.data_dir())
-    dtype = AUTOCAST.get(training.precision)
-    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-        metrics = evaluation.evaluate(adapted.model.to(device), training.eval_batch_size, device)
-    return trial, metrics
+    with _on_device(adapted) as (model, device):
+        return trial, evaluation.evaluate(model, training.eval_batch_size, device)
 
 
 def predict(store: ResultsStore, experiment: str, path: Path, *, trial_id: str | None = None,
@@ -74,10 +81,6 @@ def predict(store: ResultsStore, experiment: str, path: Path, *, trial_id: str |
     _, own = trial_task(spec, trial)
     inputs = task_kind(own.type).prediction_inputs(own, path)  # a bad file is refused before the model loads
     adapted = load_adapted(spec, trial, get_method(trial.method), adapter)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    training = adapted.spec.training
-    dtype = AUTOCAST.get(training.precision)
-    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-        rows = adapted.kind.predict(adapted.model.to(device), adapted.processor, adapted.data, adapted.task,
-                                    training, inputs)
-    return trial, rows
+    with _on_device(adapted) as (model, _):
+        return trial, adapted.kind.predict(model, adapted.processor, adapted.data, adapted.task,
+                                           adapted.spec.training, inputs)

@@ -174,7 +174,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trial = prepare_trial(loop_config["config"], context)
     stepper = DeepSpeedStepper(trial.model, trial.settings, trial.device, spec, on_gpu=on_gpu)
     trial_id, node = loop_config["trial_id"], ray.get_runtime_context().get_node_id()
-    owner = {"experiment": context.experiment, "trial_id": trial_id}
+    owner = context.checkpoint_owner(trial_id)
     here = loop_config["checkpoints"] and context.can_checkpoint(rank_nodes(node))
     reporter = checkpoint_reporter(owner, ray.train.report, ray.train.Checkpoint, rank=stepper.rank) if here else None
     # Every rank calls report (Ray Train's barrier) and Tune keeps rank 0's; under ZeRO-3 every

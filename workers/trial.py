@@ -47,6 +47,10 @@ class TrialContext:
     shared_storage: bool = False
     """The Ray storage is a folder every node mounts (PEFTLAB_RAY_STORAGE): trials on any node checkpoint."""
 
+    def checkpoint_owner(self, trial_id: str) -> dict[str, str]:
+        """The record beside a trial's checkpoints: only this trial of this experiment restores them."""
+        return {"experiment": self.experiment, "trial_id": trial_id}
+
     def can_checkpoint(self, nodes: list[str]) -> bool:
         """Whether a trial whose processes run on these nodes can write checkpoints to the storage."""
         return self.shared_storage or self.driver_node is None or all(node == self.driver_node for node in nodes)
@@ -281,7 +285,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
         model, method = trial.model, trial.method
         stepper = Stepper(model, trial.settings, trial.device,
                           after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
-        owner = {"experiment": context.experiment, "trial_id": trial_id}
+        owner = context.checkpoint_owner(trial_id)
         node = ray.get_runtime_context().get_node_id()
         here = context.can_checkpoint([node])
         reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if here else None

@@ -103,17 +103,22 @@ class Applied:
     hparams: dict
     task: TaskInfo
 
-
-
 def norm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     """The running statistics of every batch norm that training moved, by buffer name: those with
     trainable parameters, and frozen ones too unless the model keeps them in eval mode
     (`pins_frozen_norms`, as peftlab's CIFAR ResNets do)."""
     pinned = bool(getattr(model, "pins_frozen_norms", False))
-    return {f"{name}.{buffer}": value.detach().contiguous()
-            for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and not (pinned and not any(p.requires_grad for p in module.parameters()))
-            for buffer, value in module.named_buffers(recurse=False) if value is not None}
+    statistics = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if pinned and not any(p.requires_grad for p in module.parameters()):
+            continue  # stayed in eval mode: unchanged
+        for buffer, value in module.named_buffers(recurse=False):
+            if value is not None:
+                statistics[f"{name}.{buffer}"] = value.detach().contiguous()
+    return statistics
+
 
 class Method(ABC):
     """A PEFT method. Subclasses set the class variables and implement _apply and _count.

@@ -18,10 +18,12 @@ GROUP_WINDOW = 50
 """Batches per window within which examples are grouped by length (see `train_batches`)."""
 
 
-def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict[str, torch.Tensor]:
+def _encode(tokenizer, texts: list[str], labels: list[int] | None, max_length: int) -> dict[str, torch.Tensor]:
+    """Model inputs for the texts, with `labels` unless there are none (prediction)."""
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    encoded["labels"] = torch.tensor(labels, dtype=torch.long)
+    if labels is not None:
+        encoded["labels"] = torch.tensor(labels, dtype=torch.long)
     return encoded
 
 
@@ -139,14 +141,12 @@ class TextClassificationKind(TaskKind):
     def predict(self, model: nn.Module, processor, data: TextClassificationData, spec: TaskSpec,
                 training: TrainingSpec, inputs: list[str]) -> list[dict]:
         """The label and its probability for each text, in order."""
-        texts = inputs
         model.eval()
         device = next(model.parameters()).device
         rows = []
-        for start in range(0, len(texts), training.eval_batch_size):
-            chunk = texts[start:start + training.eval_batch_size]
-            batch = _encode(processor, chunk, [0] * len(chunk), training.max_length)
-            batch.pop("labels")
+        for start in range(0, len(inputs), training.eval_batch_size):
+            chunk = inputs[start:start + training.eval_batch_size]
+            batch = _encode(processor, chunk, None, training.max_length)
             probabilities = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
             best, index = probabilities.max(-1)
             rows += [{"row": start + i + 1, spec.text_column: text, "prediction": data.label_names[k],
