@@ -3,8 +3,12 @@ written file replaced whole, so a driver killed while Tune copies its state leav
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import re
 import tempfile
+import threading
+from collections.abc import Callable
 
 import pyarrow
 import pyarrow.fs
@@ -18,6 +22,60 @@ os.umask(_UMASK)
 """The process's umask, read once: written files get the mode an ordinary open() would give."""
 
 
+TRIAL_CHECKPOINT = re.compile(r"checkpoint_\d{6}")
+"""A Tune trial checkpoint's folder name; Tune's state names the trial's newest one."""
+
+TUNE_STATE = re.compile(r"experiment_state-.+\.json")
+"""The file of Tune's state that names each trial's checkpoint."""
+
+
+class _DeferredDeletions:
+    """Trial checkpoints Tune has dropped, kept until a Tune state written after the drop is whole.
+
+    Tune deletes a trial's previous checkpoint as soon as the next one is registered, and saves its
+    state later: a driver killed in between leaves a state naming a deleted checkpoint, and `resume`
+    then fails that trial. Every copy of the handler in a process shares this one list.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clock = itertools.count()
+        self._pending: list[tuple[int, str]] = []
+
+    def defer(self, path: str) -> None:
+        with self._lock:
+            self._pending.append((next(self._clock), path))
+
+    def state_started(self) -> Callable[[], None]:
+        """Called when a Tune state file is opened; the returned callable, once it is in place,
+        deletes every checkpoint dropped before the opening (the state no longer names them)."""
+        with self._lock:
+            started = next(self._clock)
+
+        def written() -> None:
+            with self._lock:
+                due = [path for stamp, path in self._pending if stamp < started]
+                self._pending = [(stamp, path) for stamp, path in self._pending if stamp >= started]
+            for path in due:
+                _delete_dir(path)
+
+        return written
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return [path for _, path in self._pending]
+
+
+_DEFERRED = _DeferredDeletions()
+
+
+def _delete_dir(path: str) -> None:
+    try:
+        pyarrow.fs.LocalFileSystem().delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 class _ReplacedOnClose(io.FileIO):
     """A file written under a temporary name and renamed over its destination when closed; one whose
     writing failed, or that is dropped without being closed, is removed and the old file stays."""
@@ -28,6 +86,7 @@ class _ReplacedOnClose(io.FileIO):
         os.chmod(self._partial, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from a shared mount's readers
         super().__init__(descriptor, "wb", closefd=True)
         self._destination, self._failed = path, False
+        self._replaced = _DEFERRED.state_started() if TUNE_STATE.fullmatch(name) else None
 
     def write(self, data) -> int:
         try:
@@ -57,6 +116,8 @@ class _ReplacedOnClose(io.FileIO):
                 os.unlink(self._partial)
             else:
                 os.replace(self._partial, self._destination)
+                if self._replaced is not None:
+                    self._replaced()
 
     def __del__(self) -> None:
         if not self.closed:  # garbage, not a finished file
@@ -65,7 +126,8 @@ class _ReplacedOnClose(io.FileIO):
 
 class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
     """pyarrow's local filesystem, except that output streams and copies write a temporary file and
-    rename it over the destination: readers see the old file or the new one, never a truncated one."""
+    rename it over the destination: readers see the old file or the new one, never a truncated one.
+    A dropped trial checkpoint stays until a later Tune state is whole (`_DeferredDeletions`)."""
 
     def __init__(self) -> None:
         self._local = pyarrow.fs.LocalFileSystem()
@@ -98,7 +160,10 @@ class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
         self._local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
-        self._local.delete_dir(path)
+        if TRIAL_CHECKPOINT.fullmatch(os.path.basename(path.rstrip("/"))):
+            _DEFERRED.defer(path)
+        else:
+            self._local.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
         self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)

@@ -180,6 +180,27 @@ def _parse_url(url: str) -> URL:
     return parsed
 
 
+SQLITE_BUSY_MS = 30000
+"""How long a SQLite writer waits for another's lock before it fails with "database is locked"."""
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Turn on WAL (the dashboard reads while trials write). The switch needs the file to itself,
+    and SQLite may refuse it at once, without waiting, while another process creates the same new
+    store: it is retried until the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def read_only_sqlite(path: str | Path) -> Any:
     """A DB-API connection to an existing SQLite file that cannot change it: opened with
     mode=ro (the OS-level guarantee) and query_only, its journal mode left as it is."""
@@ -188,7 +209,7 @@ def read_only_sqlite(path: str | Path) -> Any:
     uri = Path(path).expanduser().resolve().as_uri() + "?mode=ro"
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
     connection.execute("PRAGMA query_only=ON")
-    connection.execute("PRAGMA busy_timeout=30000")  # wait out a writer's checkpoint
+    connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")  # wait out a writer's checkpoint
     return connection
 
 
@@ -269,9 +290,9 @@ class ResultsStore:
             if sqlite_backend:
                 # WAL lets the dashboard read while trials write; writers queue up to 30 s
                 # instead of failing at once with "database is locked".
-                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+                _switch_to_wal(cursor)
                 cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA busy_timeout=30000")
             elif read_only:
                 cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
                 dbapi_connection.commit()

@@ -92,3 +92,41 @@ def test_a_write_that_fails_or_is_dropped_leaves_the_old_file(tmp_path):
         out.write(b"{}")
     (tmp_path / "plain.json").write_text("{}")
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
+
+
+def test_a_dropped_trial_checkpoint_stays_until_a_later_tune_state_is_whole(tmp_path):
+    """Tune drops a trial's previous checkpoint before it saves the state that names the next one:
+    the dropped folder must outlive every state file opened before the drop, or a driver killed in
+    between leaves a state that names a deleted checkpoint."""
+    fs = atomic_local_filesystem()
+    trial = tmp_path / "trial_a"
+    old, new, other = trial / "checkpoint_000000", trial / "checkpoint_000001", tmp_path / "scratch"
+    for folder in (old, new, other):
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"x")
+    state = tmp_path / "experiment_state-2026-12-02_10-00-00.json"
+
+    early = fs.open_output_stream(str(state))  # a state snapshot that began before the drop
+    fs.delete_dir(str(old))
+    fs.delete_dir(str(other))
+    assert not other.exists()  # only trial checkpoints wait
+    early.write(b"{}")
+    early.close()
+    assert old.exists(), "a state begun before the drop may still name the dropped checkpoint"
+
+    later = fs.open_output_stream(str(state))
+    later.write(b"{}")
+    assert old.exists()  # not until that state is in place
+    later.close()
+    assert not old.exists() and new.exists()
+
+    from peftlab.atomic_fs import _ReplacedOnClose
+
+    pickle.loads(pickle.dumps(fs)).delete_dir(str(new))  # a copy of the handler, as Tune's checkpoints carry
+    failed = _ReplacedOnClose(str(state))
+    failed.write(b"{")
+    failed.abort()  # a state that never landed
+    assert new.exists(), "a state that did not land releases nothing"
+    with fs.open_output_stream(str(state)) as out:
+        out.write(b"{}")
+    assert not new.exists()
