@@ -46,7 +46,7 @@ STATUSES = ["COMPLETED"] * 70 + ["EARLY_STOPPED"] * 20 + ["FAILED"] * 8 + ["RUNN
 
 
 CURVE_STEPS = range(10, 301, 10)
-CURVE_NAMES = ("eval/accuracy", "train/loss")
+CURVE_NAMES = ("validation/accuracy", "train/loss")
 POINTS_PER_CURVE = len(CURVE_STEPS) * len(CURVE_NAMES)
 
 
@@ -55,7 +55,7 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
     the same tables (one transaction each), the way the recorder's rows look."""
     store = ResultsStore(url)
     for e in range(experiments):
-        store.create_experiment(f"bench-{e:02d}", {"name": f"bench-{e:02d}"}, "hash", "eval/accuracy",
+        store.create_experiment(f"bench-{e:02d}", {"name": f"bench-{e:02d}"}, "hash", "validation/accuracy",
                                 "max", "bench", {})
     store.close()
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
                         peak_memory_bytes=int((900 + trainable / 30_000 + rng.normal(0, 20)) * 2**20),
                         train_seconds=float(60 + trainable / 200_000 + rng.normal(0, 3)),
                         samples_per_second=float(40 + rng.normal(0, 2)), steps=300, objective=objective,
-                        final_metrics={"eval/accuracy": objective}, best_metrics={"eval/accuracy": objective},
+                        final_metrics={"validation/accuracy": objective}, best_metrics={"validation/accuracy": objective},
                         mlflow_run_id=f"run{len(rows)}", node="node-1", started_at=begun,
                         finished_at=None if status == "RUNNING" else begun + timedelta(minutes=9),
                     ))

@@ -35,8 +35,8 @@ def writer(url: str, experiment: str, index: int, seconds: float, queue) -> None
                              started_at=datetime.now(timezone.utc), objective=0.5 + step % 7 / 100, steps=step)
         try:
             store.upsert_trial(record)
-            store.add_metrics(experiment, trial_id, step, {"train/loss": 1 / step, "eval/accuracy": 0.5, "eval/loss": 0.7,
-                                               "eval/macro_f1": 0.5})
+            store.add_metrics(experiment, trial_id, step, {"train/loss": 1 / step, "validation/accuracy": 0.5, "validation/loss": 0.7,
+                                               "validation/macro_f1": 0.5})
             store.upsert_trial(record)
             rows, points = rows + 2, points + 4
         except Exception as exc:  # counted: the figure is how many there are
@@ -51,7 +51,7 @@ def measure(url: str, writers: int, seconds: float) -> dict:
 
     store = ResultsStore(url)  # migrated once, before the writers start
     experiment = f"bench-{uuid.uuid4().hex[:8]}"
-    store.create_experiment(experiment, {"name": experiment}, "h", "eval/accuracy", "max", "bench", {})
+    store.create_experiment(experiment, {"name": experiment}, "h", "validation/accuracy", "max", "bench", {})
     store.close()
     queue = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=writer, args=(url, experiment, i, seconds, queue))

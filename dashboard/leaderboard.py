@@ -1,5 +1,6 @@
-"""Leaderboard page: per task, each method's best configuration with mean and 95% bootstrap CI
-over seeds and its costs, and each method's verdict against the best from a paired test."""
+"""Leaderboard page: per task, each method's best configuration (chosen on validation) with its
+test mean and 95% bootstrap CI over seeds and its costs, and each method's verdict against the best
+from a paired test on test scores."""
 from __future__ import annotations
 
 from urllib.parse import quote
@@ -11,9 +12,12 @@ from peftlab.dashboard import charts, loaders, stats, widgets
 from peftlab.dashboard.queries import BOARD
 
 DEFINITIONS = (
-    "Best configuration per method = the hyperparameters with the best mean over seeds "
-    "(finished trials: completed or early-stopped). CI = 95% percentile bootstrap of that mean "
-    "(2,000 resamples, fixed seed; one seed gives a single point). **best** = best mean. Every "
+    "Best configuration per method = the hyperparameters with the best **validation** mean over "
+    "seeds (finished trials: completed or early-stopped). Every other number is on the held-out "
+    "**test** split, scored once per trial at the checkpoint it kept: mean, CI = 95% percentile "
+    "bootstrap of that mean (2,000 resamples, fixed seed; one seed gives a single point), ranks. "
+    "A trial from a store made before test splits has no test score (shown empty). **best** = "
+    "best test mean. Every "
     f"other method against it: {stats.TEST} (on the seeds both ran, which saw the same data "
     f"order); **worse** = corrected p < {stats.ALPHA}, **tied** = not separated, **untested** = "
     "fewer than two shared seeds."
@@ -23,7 +27,8 @@ DEFINITIONS = (
 def verdict_line(board: pd.DataFrame) -> str:
     """One board's best method and how every other one compares with it, in words."""
     best = board.loc[board["verdict"] == "best"].iloc[0]
-    line = (f"**Best on {best['task']}: {best['method']}**, {best['metric']} **{widgets.fmt(best['mean'])}** "
+    line = (f"**Best on {best['task']}: {best['method']}**, test {best['metric'].split('/', 1)[-1]} "
+            f"**{widgets.fmt(best['mean'])}** (validation {widgets.fmt(best['validation_mean'])}) "
             f"(95% CI {widgets.fmt(best['ci_lo'])} to {widgets.fmt(best['ci_hi'])}, {int(best['n_seeds'])} seed(s)). ")
     others = board.loc[board.index != best.name]
     if others.empty:
@@ -48,6 +53,7 @@ def shown(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         **{c: summary[c] for c in (*BOARD, "domain", "method", "verdict", "n_paired", "p_holm", "rank", "metric",
                                    "mode")},
+        "validation_mean": summary["validation_mean"],
         "mean": summary["mean"], "ci_lo": summary["ci_lo"], "ci_hi": summary["ci_hi"],
         "n_seeds": summary["n_seeds"], "n_configs": summary["n_configs"],
         "n_trials": summary["n_trials"],
@@ -61,7 +67,8 @@ def shown(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 COLUMNS = {
-    "mean": st.column_config.NumberColumn("mean", format="%.4f"),
+    "validation_mean": st.column_config.NumberColumn("validation mean", format="%.4f"),
+    "mean": st.column_config.NumberColumn("test mean", format="%.4f"),
     "ci_lo": st.column_config.NumberColumn("CI low", format="%.4f"),
     "ci_hi": st.column_config.NumberColumn("CI high", format="%.4f"),
     "rank": st.column_config.NumberColumn("rank", format="%.1f"),

@@ -54,7 +54,8 @@ trials_view = table(
     column("dataset", String), column("model", String), column("method", String),
     column("seed", Integer), column("status", String), column("hparams", String),
     column("config", String), column("objective", Float), column("score", Float),
-    column("ranked", Integer), column("trainable_params", BigInteger),
+    column("test_objective", Float), column("test_score", Float), column("ranked", Integer),
+    column("trainable_params", BigInteger),
     column("total_params", BigInteger), column("trainable_pct", Float),
     column("adapter_bytes", BigInteger), column("peak_memory_bytes", BigInteger),
     column("train_seconds", Float), column("samples_per_second", Float),
@@ -283,7 +284,8 @@ def leaderboard_seeds(connection: Connection, filters: Filters) -> pd.DataFrame:
     query = (
         select(
             *(t.c[c] for c in (*BOARD, "domain", "metric", "mode", "method", "config", "hparams",
-                               "trial_id", "seed", "status", "objective", "score", *COSTS)),
+                               "trial_id", "seed", "status", "objective", "score", "test_objective",
+                               "test_score", *COSTS)),
             best.c.n_configs, best.c.n_trials,
         )
         .select_from(t)

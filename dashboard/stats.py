@@ -51,13 +51,26 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
+def on_test(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Seed rows whose `objective` and `score` are the test split's (where the rows carry
+    `test_objective`), the validation values kept as `validation_objective` / `validation_score`:
+    configurations are chosen on validation, and reported on test. A trial never tested (a store
+    from before test splits) has NaN there: missing, not zero."""
+    if "test_objective" not in seeds.columns:
+        return seeds.assign(validation_objective=seeds["objective"], validation_score=seeds["score"])
+    return seeds.assign(validation_objective=seeds["objective"], validation_score=seeds["score"],
+                        objective=seeds["test_objective"].astype(float), score=seeds["test_score"].astype(float))
+
+
 def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, method) from the seed rows of each method's best configuration.
 
-    `seeds` has one row per trial: BOARD columns, method, objective, score and costs. The
-    result has mean, ci_lo, ci_hi (of the objective), n_seeds, the mean costs, and the
-    best-first order of each board.
+    `seeds` has one row per trial: BOARD columns, method, objective, score and costs, and where
+    they were tested test_objective and test_score: the statistics (mean, std, CI, verdicts,
+    ranks) are then of the test values, with `validation_mean` beside them. The result has mean,
+    ci_lo, ci_hi, n_seeds, the mean costs, and the best-first order of each board.
     """
+    seeds = on_test(seeds)
     keys = [*BOARD, "method"]
     firsts = [c for c in ("domain", "metric", "mode", "config", "hparams", "n_configs",
                           "n_trials") if c in seeds.columns]
@@ -67,6 +80,7 @@ def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
     grouped = seeds.groupby(keys, sort=False)
     out = grouped[firsts].first()
     out["mean"] = grouped["objective"].mean()
+    out["validation_mean"] = grouped["validation_objective"].mean()
     out["score"] = grouped["score"].mean()
     out["n_seeds"] = grouped["objective"].size()
     out["std"] = grouped["objective"].std(ddof=1)
@@ -74,8 +88,8 @@ def summarize(seeds: pd.DataFrame) -> pd.DataFrame:
     out["ci_lo"] = [lo for lo, _ in intervals]
     out["ci_hi"] = [hi for _, hi in intervals]
     out[costs] = grouped[costs].mean()
-    # The seed that scored best is the trial the Trial page opens for this row.
-    out["best_trial"] = seeds.loc[grouped["score"].idxmax(), keys + ["trial_id"]].set_index(keys)["trial_id"]
+    # The seed that scored best on validation is the trial the Trial page opens for this row.
+    out["best_trial"] = seeds.loc[grouped["validation_score"].idxmax(), keys + ["trial_id"]].set_index(keys)["trial_id"]
     out = out.reset_index()
     out = paired_verdicts(out, seeds)
     out["rank"] = ranks(out)
@@ -150,6 +164,8 @@ def domain_matrix(summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd
     frame = summary.assign(normalized=normalized(summary), rank=ranks(summary))
     score = frame.pivot_table(index="method", columns="domain", values="normalized", aggfunc="mean")
     tasks = frame.pivot_table(index="method", columns="domain", values="normalized", aggfunc="size")
+    # A domain whose tasks have no test score yet (a store from before test splits) stays, empty.
+    score = score.reindex(index=tasks.index, columns=tasks.columns)
     by_domain = frame.pivot_table(index="method", columns="domain", values="rank", aggfunc="mean")
     overall = frame.groupby("method").agg(average_rank=("rank", "mean"), tasks=("rank", "size"))
     rank_table = overall.join(by_domain.add_prefix("rank: ")).sort_values(["average_rank", "tasks"],

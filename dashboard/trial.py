@@ -53,12 +53,15 @@ def render() -> None:
                f"trial {row['trial_id']} · node {row['node'] or '-'}")
     if row["error"]:
         st.error(f"Failed: {row['error']}")
-    tiles = st.columns(4)
-    tiles[0].metric(row["metric"], widgets.fmt(row["objective"]), help="best value while training")
-    tiles[1].metric("Trainable params", "-" if row["trainable_params"] is None
+    tiles = st.columns(5)
+    tiles[0].metric(row["metric"], widgets.fmt(row["objective"]),
+                    help="validation value at the checkpoint the trial kept (training.select)")
+    tiles[1].metric(row["metric"].replace("validation/", "test/", 1), widgets.fmt(row["test_objective"]),
+                    help="the same checkpoint on the held-out test split, scored once at the trial's end")
+    tiles[2].metric("Trainable params", "-" if row["trainable_params"] is None
                     else f"{row['trainable_params']:,}")
-    tiles[2].metric("Trainable %", widgets.fmt(row["trainable_pct"], 3))
-    tiles[3].metric("Adapter", "-" if row["adapter_bytes"] is None
+    tiles[3].metric("Trainable %", widgets.fmt(row["trainable_pct"], 3))
+    tiles[4].metric("Adapter", "-" if row["adapter_bytes"] is None
                     else f"{widgets.mib(row['adapter_bytes']):.2f} MiB")
     tiles = st.columns(4)
     tiles[0].metric("Peak memory", "-" if row["peak_memory_bytes"] is None

@@ -346,24 +346,25 @@ def evaluate(
     task: Annotated[Optional[str], typer.Option("--task", help="The task, where the method ran on several.")] = None,
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="Another data set of the task's type and labels (a registry name, a file or a Hub id); "
-                          "default: the trial's own evaluation data.")] = None,
+                          "default: the trial's own data.")] = None,
+    split: Annotated[str, typer.Option("--split", help="validation or test: the split scored.")] = "test",
     store: StoreOpt = None,
 ) -> None:
-    """Load a saved adapter onto its base model and print its metrics on evaluation data."""
+    """Load a saved adapter onto its base model and print its metrics on a split of its data."""
     from peftlab.scoring import score
 
     record, metrics = score(_read_store(store), name, trial_id=trial, method=method, task=task,
-                            dataset=dataset)
-    where = dataset or f"the evaluation data of {record.task}"
+                            dataset=dataset, split=split)
+    where = f"the {split} split of {dataset or record.task}"
     table = Table(title=f"{record.method} trial {record.trial_id} of {name} on {where}", title_justify="left")
     table.add_column("metric")
     table.add_column("value")
     if dataset is None:
         table.add_column("recorded at the trial's end")
     for key, value in metrics.items():
-        row = [f"eval/{key}", f"{value:.6f}"]
+        row = [f"{split}/{key}", f"{value:.6f}"]
         if dataset is None:
-            recorded = record.final_metrics.get(f"eval/{key}")
+            recorded = record.final_metrics.get(f"{split}/{key}")
             row.append("-" if recorded is None else f"{recorded:.6f}")
         table.add_row(*row)
     console.print(table)

@@ -23,7 +23,7 @@ from peftlab import settings
 from peftlab.budget import BudgetFit
 from peftlab.errors import SpecError, UserError
 from peftlab.locations import check_store_url, check_tracking_uri, require_store
-from peftlab.search import TaskPlan, build_scheduler, build_search_alg, plan, seed_plan
+from peftlab.search import TaskPlan, build_search_alg, plan, rung_plan, seed_plan
 from peftlab.spec import ExperimentSpec, method_spaces
 from peftlab.state import SEARCH, SEEDS, check_owned, claim, state_path
 from peftlab.store import (
@@ -289,7 +289,8 @@ def best_configs(store: ResultsStore, spec: ExperimentSpec, task_plan: TaskPlan)
     return {m: t.hparams for m, t in best.items()}, done
 
 
-def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, tracking_uri: str, finished: dict[str, str] | None = None):
+def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, tracking_uri: str, finished: dict[str, str] | None = None,
+               rungs=None, rung_board: str | None = None):
     import ray
     from ray import tune
 
@@ -302,7 +303,8 @@ def _trainable(spec: ExperimentSpec, task_plan: TaskPlan, tracking_uri: str, fin
         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
         model_dtype=spec.model_dtype, quantization=spec.quantization, finished=finished or {},
         tracking_uri=tracking_uri, driver_node=ray.get_runtime_context().get_node_id(),
-        shared_storage=settings.ray_storage_shared(),
+        shared_storage=settings.ray_storage_shared(), metric=task_plan.metric, mode=task_plan.mode,
+        rungs=rungs, rung_board=rung_board,
     )
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import run_distributed_trial
@@ -325,41 +327,86 @@ def _run_task(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore,
     """Run (or continue) one task's search, or its seed re-runs (phase SEEDS: every trial to the
     end); False if it was interrupted before the end."""
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
 
     from peftlab.atomic_fs import atomic_local_filesystem
-    from peftlab.progress import SweepProgress
-    from peftlab.recorder import Recorder, bind
+    from peftlab.recorder import bind
+    from peftlab.workers.rungs import board_name
 
     bind(spec.name, store, tracker)
     label = task_plan.task.label
     path = state_path(spec.name, label, phase)
     storage = atomic_local_filesystem()
-    if tune.Tuner.can_restore(str(path), storage_filesystem=storage):
+    restoring = tune.Tuner.can_restore(str(path), storage_filesystem=storage)
+    if restoring:
         check_owned(path, spec.name, spec.spec_hash(), label, phase)
+    rungs = rung_plan(spec, task_plan) if phase == SEARCH else None
+    name = board_name(spec.name, label)
+    board = start_rung_board(rungs, name, path, restoring) if rungs else None
+    try:
+        return _fit(spec, task_plan, store=store, tracker=tracker, console=console, phase=phase, path=path,
+                    storage=storage, restoring=restoring, rungs=rungs, board=name if rungs else None)
+    finally:
+        if board is not None:
+            import ray
+
+            ray.kill(board)
+
+
+def start_rung_board(plan, name: str, state_dir: Path, restoring: bool):
+    """The task's RungBoard actor, on the driver's node, its state beside the Tune state: a
+    restored sweep continues the rungs it saved, a new one starts them empty."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from peftlab.workers.rungs import STATE_FILE, RungBoard
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not restoring:
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+    node = ray.get_runtime_context().get_node_id()
+    board = ray.remote(RungBoard).options(
+        name=name, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(plan, str(state_dir))
+    ray.get(board.snapshot.remote())  # started before any trial asks it
+    return board
+
+
+def _fit(spec: ExperimentSpec, task_plan: TaskPlan, *, store: ResultsStore, tracker: Tracker, console: Console,
+         phase: str, path: Path, storage, restoring: bool, rungs, board: str | None) -> bool:
+    """Create or restore the task's Tuner and run it to its end; False if interrupted before."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from peftlab.progress import SweepProgress
+    from peftlab.recorder import Recorder
+
+    label = task_plan.task.label
+    if restoring:
         # Callbacks, searcher and scheduler come back from the saved experiment state.
         console.print(f"[bold]{task_plan.task.label}[/]: continuing from {path}")
         # Trials the store has as finished may be unfinished in Tune's last saved state (the
         # driver died between the two): they are handed their status instead of a re-run.
         finished = {t.trial_id: t.status.value for t in store.trials(spec.name)
                     if t.task == label and t.status in FINISHED}
-        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, tracker.uri, finished),
+        tuner = tune.Tuner.restore(str(path), _trainable(spec, task_plan, tracker.uri, finished, rungs, board),
                                    resume_unfinished=True, storage_filesystem=storage)
     else:
         recorder = Recorder(experiment=spec.name, model=spec.model_for(task_plan.task), task_plan=task_plan,
                             seeds=spec.training.seeds, spec_hash=spec.spec_hash(), phase=phase,
-                            run_params=run_params(spec))
+                            run_params=run_params(spec), rung_board=board)
         claim(path, spec.name, spec.spec_hash(), label, phase)
         concurrent = _max_concurrent(spec)
-        what = (f"{spec.search.algorithm} search, {spec.search.scheduler} scheduler" if phase == SEARCH
+        rung_text = (f"rungs at steps {', '.join(map(str, rungs.steps))} within each "
+                     f"{'method' if rungs.by_method else 'task'}" if rungs else "no early stopping")
+        what = (f"{spec.search.algorithm} search, {rung_text}" if phase == SEARCH
                 else "the best configuration of each method with more seeds")
         console.print(f"[bold]{task_plan.task.label}[/]: {task_plan.num_trials} trials, {what}, up to "
                       f"{concurrent} at once")
         tuner = tune.Tuner(
-            _trainable(spec, task_plan, tracker.uri),
+            _trainable(spec, task_plan, tracker.uri, rungs=rungs, rung_board=board),
             tune_config=tune.TuneConfig(
                 search_alg=build_search_alg(spec, task_plan),
-                scheduler=build_scheduler(spec, task_plan) if phase == SEARCH else FIFOScheduler(),
+                scheduler=FIFOScheduler(),  # trials start in index order, which the rungs rely on
                 num_samples=task_plan.num_trials,
                 max_concurrent_trials=concurrent,
                 reuse_actors=False,  # a fresh process per trial keeps peak-memory accounting honest

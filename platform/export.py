@@ -136,9 +136,9 @@ class Adapted:
 
 def trial_task(spec: dict, trial: TrialRecord) -> tuple[ExperimentSpec, TaskSpec]:
     """The experiment's spec as recorded, and the trial's task in it."""
-    from peftlab.spec import parse_spec
+    from peftlab.spec import parse_stored_spec
 
-    parsed = parse_spec(spec)
+    parsed = parse_stored_spec(spec)
     own = next((t for t in parsed.tasks if t.label == trial.task), None)
     if own is None:
         raise UserError(f"the experiment's spec has no task '{trial.task}'")

@@ -151,13 +151,15 @@ class SweepProgress(Callback):
 
 
 def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> Table:
-    table = Table(title="Leaderboard: best trial per method", title_justify="left")
-    for column in ("task", "method", metric or "objective", "trainable", "% of model",
+    table = Table(title="Leaderboard: best trial per method, chosen on validation; test scored once at its kept "
+                        "checkpoint", title_justify="left")
+    for column in ("task", "method", "validation", "test", "trainable", "% of model",
                    "peak memory", "train time", "samples/s", "steps", "trials", "config"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            row.task, row.method, f"{row.objective:.4f}", f"{row.trainable_params:,}",
+            row.task, row.method, f"{row.objective:.4f}",
+            "-" if row.test_objective is None else f"{row.test_objective:.4f}", f"{row.trainable_params:,}",
             f"{row.trainable_pct:.3f}%", _mib(row.peak_memory_bytes),
             f"{row.train_seconds:.1f}s" if row.train_seconds is not None else "-",
             f"{row.samples_per_second:.1f}" if row.samples_per_second is not None else "-",
@@ -195,16 +197,17 @@ def seeds_table(summary) -> Table:
     """One row per (task, method): the seeds of its best configuration, mean, std and 95% CI."""
     from peftlab.dashboard.stats import ALPHA, TEST
 
-    table = Table(title="Across seeds: each method's best configuration (95% bootstrap CI of the mean); "
-                        f"verdict against the best: {TEST}, worse at p < {ALPHA}",
+    table = Table(title="Across seeds, on test: each method's best configuration (chosen on validation), "
+                        f"95% bootstrap CI of the mean; verdict against the best: {TEST}, worse at p < {ALPHA}",
                   title_justify="left")
-    columns = ["task", "method", "seeds", "mean", "std", "95% CI", "verdict", "p (Holm)", "trainable"]
+    columns = ["task", "method", "seeds", "validation mean", "test mean", "std", "95% CI", "verdict", "p (Holm)",
+               "trainable"]
     if "budget" in summary:
         columns.append("vs budget")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in summary.itertuples():
-        cells = [row.task, row.method, str(row.n_seeds), f"{row.mean:.4f}",
+        cells = [row.task, row.method, str(row.n_seeds), f"{row.validation_mean:.4f}", _number(row.mean),
                  "-" if math.isnan(row.std) else f"{row.std:.4f}", f"[{row.ci_lo:.4f}, {row.ci_hi:.4f}]",
                  row.verdict, "-" if math.isnan(row.p_holm) else f"{row.p_holm:.3g}", f"{row.trainable_params:,.0f}"]
         if "budget" in summary:
@@ -213,9 +216,13 @@ def seeds_table(summary) -> Table:
     return table
 
 
+def _number(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
 def ranks_table(ranks) -> Table:
     """Average rank of each method over the tasks it ran on (1 = best), overall and per domain."""
-    table = Table(title="Average rank across tasks (1 = best mean on a task)", title_justify="left")
+    table = Table(title="Average rank across tasks (1 = best test mean on a task)", title_justify="left")
     for column in ranks.columns:
         table.add_column(column.replace("rank: ", "").replace("_", " "), overflow="fold")
     for row in ranks.itertuples(index=False):

@@ -14,7 +14,7 @@ from ray.tune import Callback
 
 from peftlab import settings
 from peftlab.search import TaskPlan
-from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus
+from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus, test_metric
 from peftlab.tracking import Tracker
 from peftlab.workers.methods import get_method
 from peftlab.workers.report import Outcome, TrialReport
@@ -38,7 +38,7 @@ def error_reason(trial) -> str:
 
 
 def _summary(record: TrialRecord) -> dict[str, float]:
-    """The run's final/ metrics: the last evaluation and the costs."""
+    """The run's final/ metrics: the kept checkpoint's validation and test metrics and the costs."""
     summary = {k: v for k, v in (record.final_metrics or {}).items() if k != "step"}
     summary.update({k: getattr(record, k) for k in COST_KEYS if getattr(record, k) is not None})
     return summary
@@ -56,11 +56,14 @@ class Recorder(Callback):
     """Writes trial rows, metric curves and MLflow runs as Tune reports them."""
 
     def __init__(self, *, experiment: str, model: str, task_plan: TaskPlan, seeds: list[int],
-                 spec_hash: str, phase: str = "search", run_params: dict | None = None) -> None:
+                 spec_hash: str, phase: str = "search", run_params: dict | None = None,
+                 rung_board: str | None = None) -> None:
         self.experiment, self.model, self.plan, self.phase = experiment, model, task_plan, phase
         self.run_params = run_params or {}
         """How every trial trains (precision, accumulation...), logged beside its hyperparameters."""
         self.seeds, self.spec_hash = seeds, spec_hash
+        self.rung_board = rung_board
+        """The task's RungBoard actor name (rungs.py); trials are registered there as they start."""
         self.records: dict[str, TrialRecord] = {}
         self.runs: dict[str, str] = {}
         self.finished_before: set[str] = set()
@@ -83,9 +86,20 @@ class Recorder(Callback):
     def _better(self, new: float, old: float | None) -> bool:
         return old is None or (new > old if self.plan.mode == "max" else new < old)
 
+    def _board(self):
+        import ray
+
+        name = getattr(self, "rung_board", None)
+        return ray.get_actor(name) if name else None
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         config = trial.config
         method = get_method(config["method"])
+        board = self._board()
+        if board is not None:
+            # Tune numbers trials from 1 in the order the search created them, and keeps that tag on restore.
+            index = int(str(trial.experiment_tag).split("_", 1)[0]) - 1
+            board.register.remote(trial.trial_id, method.name, index)
         hparams = method.resolve(hparams_of(config))
         seed = seed_of(config, self.seeds)
         task = self.plan.task
@@ -97,6 +111,8 @@ class Recorder(Callback):
         known = self.store.get_trial(self.experiment, trial.trial_id)
         if known is not None and known.status in FINISHED:
             self.finished_before.add(trial.trial_id)
+            if board is not None:
+                board.end.remote(trial.trial_id)
             if known.mlflow_run_id:
                 # The driver may have died between the store's row and the MLflow run's end.
                 adapter = adapter_path(settings.adapters_dir(), self.experiment, trial.trial_id)
@@ -142,11 +158,22 @@ class Recorder(Callback):
         if report.step > self.tracked.get(trial.trial_id, 0):
             self.tracker.log_metrics(self.runs[trial.trial_id], curve, report.step)
         if report.is_evaluation:
-            value = report.scores().get(self.plan.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.objective):
-                record.objective, record.best_metrics = float(value), {**curve, "step": report.step}
-            record.final_metrics = {**curve, "step": report.step}
+            scores = report.scores()
+            value = scores.get(self.plan.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.best_metrics.get(self.plan.metric)):
+                record.best_metrics = {**scores, "step": report.step}
             record.steps = report.step  # steps trained as of its latest evaluation
+            if report.is_final:
+                # One number per trial and split from here on: the kept checkpoint's.
+                selected = report.selected()
+                value = selected.get(self.plan.metric)
+                record.objective = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+                record.test_objective = selected.get(test_metric(self.plan.metric))
+                record.final_metrics = {**selected, "step": report.selected_step}
+            else:
+                # Until the trial ends, the best validation so far (the live display's number).
+                record.objective = record.best_metrics.get(self.plan.metric)
+                record.final_metrics = {**scores, "step": report.step}
         record.node = report.node
         costs = report.costs
         for key in COST_KEYS:
@@ -165,6 +192,9 @@ class Recorder(Callback):
         record.status, record.error = status, error
         record.finished_at = datetime.now(timezone.utc)
         self.store.upsert_trial(record)
+        board = self._board()
+        if board is not None:
+            board.end.remote(trial.trial_id)
         summary = _summary(record)
         last = TrialReport.from_result(trial.last_result)
         # With a tracking server the trial uploaded its adapter itself; else it is on this machine.
@@ -172,7 +202,7 @@ class Recorder(Callback):
         self.tracker.finish(self.runs[trial.trial_id], MLFLOW_STATUS[status], summary=summary, artifact_dir=artifact)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        # Only a trial that trained to its end sends an outcome; one that Tune stopped does not.
+        # A trial that trained to its end says so; one a rung stopped says that.
         last = TrialReport.from_result(trial.last_result)
         finished = last is not None and last.outcome is Outcome.COMPLETED
         self._finish(trial, TrialStatus.COMPLETED if finished else TrialStatus.EARLY_STOPPED)

@@ -1,5 +1,5 @@
-"""`peftlab eval` and `peftlab predict`: a saved adapter on its base model, scored on the trial's own
-evaluation data (where it reproduces the stored numbers) or another data set with the same labels,
+"""`peftlab eval` and `peftlab predict`: a saved adapter on its base model, scored on a split of the
+trial's own data (where it reproduces the stored numbers) or another data set with the same labels,
 or predicting a label for each row of a file."""
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ def _on_device(adapted: Adapted):
 
 
 def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, method: str | None = None,
-          task: str | None = None, dataset: str | None = None) -> tuple[TrialRecord, dict[str, float]]:
-    """The chosen trial and its metrics on its evaluation data, or on `dataset`'s."""
+          task: str | None = None, dataset: str | None = None,
+          split: str = "test") -> tuple[TrialRecord, dict[str, float]]:
+    """The chosen trial and its metrics on a split ("validation" or "test") of its own data, or of
+    `dataset`'s."""
+    if split not in ("validation", "test"):
+        raise UserError(f"--split must be validation or test, got '{split}'")
     from peftlab.workers.methods import get_method
     from peftlab.workers.tasks import task_kind
 
@@ -66,7 +70,7 @@ def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, 
     evaluation = adapted.kind.build_task(adapted.data, adapted.processor, adapted.head, adapted.task, training,
                                          settings.data_dir())
     with _on_device(adapted) as (model, device):
-        return trial, evaluation.evaluate(model, training.eval_batch_size, device)
+        return trial, evaluation.evaluate(model, training.eval_batch_size, device, split=split)
 
 
 def predict(store: ResultsStore, experiment: str, path: Path, *, trial_id: str | None = None,

@@ -150,20 +150,18 @@ def _fixed_configs(configs: list[dict]):
     return FixedConfigs()
 
 
-def build_scheduler(spec: ExperimentSpec, task_plan: TaskPlan):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def rung_plan(spec: ExperimentSpec, task_plan: TaskPlan):
+    """The task's successive-halving rungs (rungs.py) under `scheduler: asha`, else None. Trials
+    meet them in index order and stop themselves, so Tune itself schedules first in, first out."""
+    from peftlab.workers.rungs import RungPlan, rung_steps
 
     if spec.search.scheduler == "fifo":
-        return FIFOScheduler()
+        return None
     training = spec.training
-    return ASHAScheduler(
-        time_attr="step",
-        metric=task_plan.metric,
-        mode=task_plan.mode,
-        max_t=training.max_steps,
-        grace_period=min(spec.search.grace_period * training.eval_every, training.max_steps),
-        reduction_factor=spec.search.reduction_factor,
-    )
+    steps = rung_steps(spec.search.grace_period, spec.search.reduction_factor, training.eval_every, training.max_steps)
+    by_method = spec.search.rung_groups == "method"
+    return RungPlan(steps=steps, reduction_factor=spec.search.reduction_factor, mode=task_plan.mode,
+                    by_method=by_method) if steps else None
 
 
 def describe_leaves(leaves: dict[str, Leaf]) -> str:

@@ -24,7 +24,11 @@ TASK_METRICS = {
     "image-classification": ("accuracy", "macro_f1", "auroc", "loss"),
     "causal-lm": ("loss", "perplexity", "exact_match"),
 }
-"""What each task type reports under eval/ (auroc only for two classes, exact_match only when asked)."""
+"""What each task type reports under validation/ and test/ (auroc only for two classes, exact_match
+only when asked)."""
+SPLIT_PREFIXES = ("validation/", "test/")
+SEARCH_PREFIX = "validation/"
+"""Searches, schedulers and every "best" read validation metrics only."""
 MINIMISED = ("loss", "perplexity")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MAX_TRIALS = 10_000
@@ -66,23 +70,40 @@ class TaskSpec(_Strict):
     response_column: str = "response"
     """causal-lm: column holding the answer the model learns to produce."""
     exact_match: bool = False
-    """causal-lm: also generate greedy answers for the eval prompts and report eval/exact_match."""
+    """causal-lm: also generate greedy answers for the evaluation prompts and report exact_match."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
     """causal-lm: tokens generated per answer for exact match."""
     reference: str | None = None
     """causal-lm: texts (registry name or file; its `text_column`) whose loss before vs after tuning
-    gives eval/forgetting; defaults to sst2's sentences."""
+    gives forgetting; defaults to sst2's validation sentences."""
     retention: bool = True
-    """Report eval/drift (classification: 1 - cosine similarity of representations to the base
-    model's) or eval/forgetting (causal-lm) at the end of each trial."""
+    """Report validation/drift (classification: 1 - cosine similarity of representations of
+    validation examples to the base model's) or validation/forgetting (causal-lm: the loss change
+    on `reference` texts) at the end of each trial."""
     retention_samples: Annotated[int, Field(ge=1, le=100_000)] = 256
     """Reference examples used for drift / forgetting."""
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many training examples (a seeded, deterministic subset)."""
     max_eval_samples: Annotated[int, Field(ge=1)] | None = None
-    """Use at most this many evaluation examples."""
-    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    """Share of the data held out for evaluation when the source has no eval split."""
+    """Use at most this many validation examples, and as many test examples (seeded subsets)."""
+    validation_file: str | None = None
+    """A local file (same columns) to validate on instead of a carve-out of the training rows."""
+    test_file: str | None = None
+    """A local file (same columns) to test on instead of a carve-out of the training rows."""
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Share of the training rows carved out (stratified, fixed seed) for validation when the source
+    has no validation split."""
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Share of the training rows carved out (stratified, fixed seed) for test when the source has
+    no test split (carved before validation)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "eval_fraction" in data:
+            raise ValueError("`eval_fraction` is now `validation_fraction` (test has its own split or "
+                             "`test_fraction`)")
+        return data
 
     @property
     def label(self) -> str:
@@ -97,9 +118,13 @@ class SearchSpec(_Strict):
     num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
     """Configurations per task (random, optuna; default 4) or repetitions of the grid (grid; default 1)."""
     scheduler: Literal["fifo", "asha"] = "asha"
-    """fifo runs every trial to the end; asha stops the weak ones at evaluations."""
+    """fifo runs every trial to the end; asha stops the weak ones at rungs (successive halving,
+    decided in trial order, so the same on a busy or an idle machine)."""
+    rung_groups: Literal["method", "all"] = "method"
+    """ASHA: compare a trial at a rung with the earlier trials of its own method (method) or with
+    every earlier trial (all)."""
     metric: str | None = None
-    """Metric to optimise, e.g. eval/accuracy; defaults to eval/<task metric>."""
+    """Validation metric to optimise, e.g. validation/accuracy; defaults to validation/<task metric>."""
     mode: Literal["max", "min"] | None = None
     """max or min; defaults to min for losses, max otherwise."""
     max_concurrent: int | None = None
@@ -155,6 +180,9 @@ class TrainingSpec(_Strict):
     activation memory, the same batch and data order)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, slower)."""
+    select: Literal["best", "last"] = "best"
+    """Which evaluation's adapter a trial keeps, is tested and saved: best (the step with the best
+    validation metric; its state is restored at the end) or last (the final step)."""
     checkpoint_every: Annotated[int, Field(ge=0, le=100_000_000)] = 1
     """Save the trial's trainable state (adapter, optimizer, schedule, random state, data position)
     every this many evaluations, 0 never: a retried or resumed trial continues from the last one."""
@@ -289,12 +317,12 @@ class ExperimentSpec(_Strict):
         return task.model or self.model or task_kind(task.type).default_model
 
     def metric_for(self, task: TaskSpec) -> str:
-        return self.search.metric or f"eval/{task.metric}"
+        return self.search.metric or f"{SEARCH_PREFIX}{task.metric}"
 
     def mode_for(self, task: TaskSpec) -> str:
         if self.search.mode:
             return self.search.mode
-        return "min" if self.metric_for(task).removeprefix("eval/") in MINIMISED else "max"
+        return "min" if self.metric_for(task).removeprefix(SEARCH_PREFIX) in MINIMISED else "max"
 
     def spec_hash(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -390,12 +418,15 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
     for i, task in enumerate(spec.tasks):
         metric = spec.metric_for(task)
         reported = TASK_METRICS[task.type]
-        if metric.removeprefix("eval/") not in reported or not metric.startswith("eval/"):
-            allowed = ", ".join(f"eval/{m}" for m in reported)
-            where = "search.metric" if spec.search.metric else f"tasks[{i}].metric"
+        where = "search.metric" if spec.search.metric else f"tasks[{i}].metric"
+        if metric.startswith(("eval/", "test/")):
+            problems.append(f"{where}: '{metric}' cannot drive the search: searches read validation metrics "
+                            f"only (use '{SEARCH_PREFIX}{metric.split('/', 1)[1]}')")
+        elif metric.removeprefix(SEARCH_PREFIX) not in reported or not metric.startswith(SEARCH_PREFIX):
+            allowed = ", ".join(f"{SEARCH_PREFIX}{m}" for m in reported)
             problems.append(f"{where}: '{metric}' is not reported by tasks[{i}] ({task.type}: one of {allowed})")
-        if metric == "eval/exact_match" and not task.exact_match:
-            problems.append(f"tasks[{i}]: eval/exact_match needs `exact_match: true`")
+        if metric == f"{SEARCH_PREFIX}exact_match" and not task.exact_match:
+            problems.append(f"tasks[{i}]: {SEARCH_PREFIX}exact_match needs `exact_match: true`")
         if spec.model_for(task) is None:
             problems.append(f"tasks[{i}].model: a {task.type} task needs a model (set `model` here or at the top)")
     # The store and dashboard sign scores by one direction per experiment.
@@ -422,7 +453,8 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
         from peftlab.workers.distributed import multi_worker_problems
 
         problems += multi_worker_problems(list(spec.methods), spec.training, spec.resources,
-                                          quantized=spec.quantization is not None)
+                                          quantized=spec.quantization is not None,
+                                          zero_stage=spec.deepspeed.zero_stage)
     else:
         from peftlab.workers.train import batch_problems
 
@@ -510,6 +542,19 @@ def parse_spec(data: Any, *, source: str | None = None) -> ExperimentSpec:
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     return spec
+
+
+def parse_stored_spec(data: dict) -> ExperimentSpec:
+    """A spec as a results store recorded it; a store from before test splits held `eval_fraction`
+    and `eval/` metrics, which mean what `validation_fraction` and `validation/` mean now."""
+    data = json.loads(json.dumps(data))
+    for task in data.get("tasks") or []:
+        if isinstance(task, dict) and "eval_fraction" in task:
+            task["validation_fraction"] = task.pop("eval_fraction")
+    search = data.get("search")
+    if isinstance(search, dict) and str(search.get("metric") or "").startswith("eval/"):
+        search["metric"] = SEARCH_PREFIX + search["metric"].removeprefix("eval/")
+    return parse_spec(data)
 
 
 def _with_registry_defaults(task: TaskSpec) -> TaskSpec:

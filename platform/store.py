@@ -69,7 +69,8 @@ class ExperimentRecord:
     spec_hash: str
     status: ExperimentStatus
     metric: str
-    """The search metric, e.g. "eval/accuracy"; a trial's `objective` is its best value."""
+    """The search metric, e.g. "validation/accuracy"; a trial's `objective` is its value at the
+    trial's kept checkpoint (its best so far while it runs)."""
     mode: Mode
     code_version: str
     package_versions: dict[str, str]
@@ -103,7 +104,8 @@ class TrialRecord:
     samples_per_second: float | None = None
     steps: int | None = None
     objective: float | None = None
-    """Best value of the experiment's search metric so far."""
+    """The search metric's validation value at the kept checkpoint (training.select); the best so
+    far while the trial runs."""
     final_metrics: dict[str, Any] = field(default_factory=dict)
     best_metrics: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
@@ -112,6 +114,8 @@ class TrialRecord:
     finished_at: datetime | None = None
     restarts: int = 0
     """How often the trial continued from its last checkpoint after its worker died."""
+    test_objective: float | None = None
+    """The search metric on the test split at the kept checkpoint, evaluated once at the trial's end."""
 
 
 @dataclass(kw_only=True)
@@ -133,9 +137,17 @@ class LeaderboardRow:
     """Steps the best trial trained (fewer than max_steps where early stopping ended it)."""
     n_trials: int
     """How many ranked trials (finished, with an objective) the best was chosen among."""
+    test_objective: float | None = None
+    """The same metric on the test split, for that trial's kept checkpoint; None where it was never
+    tested (a store from before test splits)."""
 
 
 _LEADERBOARD_COLUMNS = [f.name for f in fields(LeaderboardRow)]
+
+
+def test_metric(metric: str) -> str:
+    """The test split's name of a validation metric: validation/accuracy -> test/accuracy."""
+    return "test/" + metric.split("/", 1)[-1]
 _RANKED_STATUSES = [TrialStatus.COMPLETED.value, TrialStatus.EARLY_STOPPED.value]
 
 
@@ -405,6 +417,7 @@ class ResultsStore:
             values["experiment_id"] = self._find_experiment(session, values.pop("experiment")).id
             values["status"] = record.status.value
             values["objective"] = _finite(record.objective)
+            values["test_objective"] = _finite(record.test_objective)
             stmt = self._insert(Trial).values(values)
             session.execute(
                 stmt.on_conflict_do_update(

@@ -112,6 +112,8 @@ class Trial(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """How often the trial continued from its last checkpoint after its worker died."""
+    test_objective: Mapped[float | None] = mapped_column(Float)
+    """The search metric on the test split at the kept checkpoint; None until the trial is tested."""
 
 
 class TrialMetric(Base):

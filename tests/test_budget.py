@@ -77,7 +77,7 @@ def test_seeds_and_per_task_methods_and_models():
     ({"tasks": [{"type": "causal-lm", "dataset": "x.jsonl"}]}, "tasks[0].model: a causal-lm task needs a model"),
     ({"model": "m", "tasks": [{"dataset": "sst2"}, {"type": "causal-lm", "dataset": "x.jsonl"}]},
      "optimised in different directions"),
-    ({"tasks": [{"dataset": "sst2", "metric": "auroc"}]}, "'eval/auroc' is not reported by tasks[0]"),
+    ({"tasks": [{"dataset": "sst2", "metric": "auroc"}]}, "'validation/auroc' is not reported by tasks[0]"),
 ])
 def test_suite_spec_problems(extra, problem):
     with pytest.raises(SpecError) as err:

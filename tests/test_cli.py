@@ -210,7 +210,7 @@ def test_state_from_elsewhere_is_never_restored(tmp_path, peftlab_home, sentimen
     # A store that holds it, but state peftlab did not write for it: `resume` refuses to unpickle.
     parsed = parse_spec(spec)
     ResultsStore(f"sqlite:///{peftlab_home / 'results.db'}").create_experiment(
-        parsed.name, parsed.model_dump(mode="json"), parsed.spec_hash(), "eval/accuracy", "max", "test", {})
+        parsed.name, parsed.model_dump(mode="json"), parsed.spec_hash(), "validation/accuracy", "max", "test", {})
     result = runner.invoke(app, ["resume", "bad-input"])
     assert result.exit_code == 2, result.output
     assert f"Tune state at {planted} has no peftlab ownership record" in result.stderr

@@ -153,7 +153,7 @@ def write_spec(folder: Path, name: str, tiny_bert_dir: Path, sentiment_csv: Path
         "model": str(tiny_bert_dir),
         "tasks": [{"dataset": str(sentiment_csv), "domain": "test/sentiment", "max_eval_samples": 60}],
         "methods": methods,
-        "search": {"algorithm": "grid", "scheduler": "fifo", "metric": "eval/accuracy", "mode": "max",
+        "search": {"algorithm": "grid", "scheduler": "fifo", "metric": "validation/accuracy", "mode": "max",
                    "max_concurrent": 2},
         "training": {"max_steps": max_steps, "eval_every": 5, "batch_size": 16, "seeds": [0]},
         "resources": {"cpus_per_trial": 1},

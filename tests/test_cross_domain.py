@@ -44,8 +44,8 @@ def test_cross_domain_smoke(tmp_path, data_dir):
         ran = [t for t in trials if t.task == task.label]
         assert {t.method for t in ran} == set(spec.methods_for(task))
         for t in ran:
-            metric = f"eval/{task.metric}"
-            assert metric in t.final_metrics and "eval/drift" in t.final_metrics, (t.task, t.method)
+            metric = f"validation/{task.metric}"
+            assert metric in t.final_metrics and "validation/drift" in t.final_metrics, (t.task, t.method)
         # Each method's best configuration ran with both smoke seeds (the search's seed 0 reused).
         for method in spec.methods_for(task):
             completed = [t for t in ran if t.method == method and t.status is TrialStatus.COMPLETED]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from peftlab.errors import UserError
-from peftlab.workers.data import DATASETS, TextClassificationData, load_text_classification
+from peftlab.workers.data import DATASETS, SplitOptions, TextClassificationData, load_text_classification
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data sets not found at {DATA}")
@@ -34,22 +34,30 @@ def hub_offline(monkeypatch, tmp_path):
 
 @needs_data
 @pytest.mark.parametrize(
-    "name, n_train, n_eval, num_labels, train_counts",
+    "name, n_train, n_validation, n_test, num_labels, train_counts",
     [
-        ("sst2", 6920, 872, 2, {0: 3310, 1: 3610}),
-        ("banking77", 10003, 3080, 77, None),
-        ("fomc", 1903, 476, 3, {0: 498, 1: 476, 2: 929}),
+        ("sst2", 6920, 872, 1821, 2, {0: 3310, 1: 3610}),
+        ("banking77", 10003, None, 3080, 77, None),
+        ("fomc", 1903, None, 476, 3, {0: 498, 1: 476, 2: 929}),
     ],
 )
-def test_registry_official_splits(name, n_train, n_eval, num_labels, train_counts):
+def test_registry_splits(name, n_train, n_validation, n_test, num_labels, train_counts):
+    """Official splits where they exist, else a stratified 10% of train carved out for validation."""
     data = load_text_classification(name, data_dir=DATA)
-    assert (len(data.train_texts), len(data.train_labels)) == (n_train, n_train)
-    assert (len(data.eval_texts), len(data.eval_labels)) == (n_eval, n_eval)
+    carved = n_validation is None
+    n_validation = round(n_train * 0.1) if carved else n_validation
+    kept = n_train - n_validation if carved else n_train
+    assert data.sizes == {"train": kept, "validation": n_validation, "test": n_test}
+    for split, n in data.sizes.items():
+        assert len(getattr(data, f"{split}_texts")) == len(getattr(data, f"{split}_labels")) == n
     assert data.num_labels == num_labels
     assert set(data.train_labels) == set(range(num_labels))
-    assert all(isinstance(text, str) and text for text in data.train_texts + data.eval_texts)
+    assert all(isinstance(text, str) and text for text in data.train_texts + data.validation_texts + data.test_texts)
     if train_counts:
-        assert Counter(data.train_labels) == train_counts
+        whole = Counter(data.train_labels) + Counter(data.validation_labels) if carved else Counter(data.train_labels)
+        assert whole == train_counts
+        if carved:
+            assert all(abs(Counter(data.validation_labels)[k] - v * 0.1) <= 1 for k, v in train_counts.items())
 
 
 @needs_data
@@ -57,7 +65,7 @@ def test_registry_label_names():
     assert load_text_classification("sst2", data_dir=DATA).label_names == ["negative", "positive"]
     fomc = load_text_classification("fomc", data_dir=DATA)
     assert fomc.label_names == ["dovish", "hawkish", "neutral"]
-    assert Counter(fomc.eval_labels) == {0: 127, 1: 124, 2: 225}
+    assert Counter(fomc.test_labels) == {0: 127, 1: 124, 2: 225}
     banking = load_text_classification("banking77", data_dir=DATA)
     categories = json.loads((DATA / "text/banking77/categories.json").read_text())
     assert sorted(banking.label_names) == sorted(categories)
@@ -69,7 +77,7 @@ def test_registry_label_names():
 @needs_data
 def test_registry_reads_peftlab_data_dir(monkeypatch):
     monkeypatch.setenv("PEFTLAB_DATA_DIR", str(DATA))
-    assert len(load_text_classification("fomc").train_texts) == 1903
+    assert len(load_text_classification("fomc").test_texts) == 476
 
 
 def test_registry_metadata():
@@ -82,20 +90,20 @@ def test_registry_metadata():
 
 @needs_data
 def test_subsampling_is_deterministic_and_nested():
-    def load(n: int, seed: int = 0) -> TextClassificationData:
-        return load_text_classification("sst2", data_dir=DATA, max_train_samples=n,
-                                        max_eval_samples=50, split_seed=seed)
+    def load(n: int) -> TextClassificationData:
+        return load_text_classification("sst2", data_dir=DATA,
+                                        options=SplitOptions(max_train_samples=n, max_eval_samples=50))
 
-    first, again, other, larger = load(200), load(200), load(200, seed=1), load(400)
-    assert len(first.train_texts) == 200 and len(first.eval_texts) == 50
+    first, again, larger = load(200), load(200), load(400)
+    assert len(first.train_texts) == 200 and len(first.validation_texts) == len(first.test_texts) == 50
     assert first == again
-    assert first.train_texts != other.train_texts
     assert larger.train_texts[:200] == first.train_texts  # first N of the same shuffle
     full = load_text_classification("sst2", data_dir=DATA)
     pairs = set(zip(full.train_texts, full.train_labels))
     assert set(zip(first.train_texts, first.train_labels)) <= pairs
     # Asking for more than there is keeps everything.
-    assert len(load_text_classification("fomc", data_dir=DATA, max_eval_samples=10**6).eval_texts) == 476
+    assert len(load_text_classification("fomc", data_dir=DATA,
+                                        options=SplitOptions(max_eval_samples=10**6)).test_texts) == 476
 
 
 # --- local files -----------------------------------------------------------------------------
@@ -117,18 +125,18 @@ def _write(path: Path, rows: list[dict]) -> Path:
 def test_local_file_string_labels(tmp_path, suffix):
     rows = [{"sentence": f"text number {i}", "y": ["pos", "neg", "Mixed"][i % 3]} for i in range(40)]
     path = _write(tmp_path / f"data{suffix}", rows)
-    data = load_text_classification(str(path), text_column="sentence", label_column="y", eval_fraction=0.25)
+    options = SplitOptions(validation_fraction=0.25, test_fraction=0.25)
+    data = load_text_classification(str(path), text_column="sentence", label_column="y", options=options)
     assert data.label_names == ["Mixed", "neg", "pos"]
-    assert (len(data.train_texts), len(data.eval_texts)) == (30, 10)
-    assert sorted(data.train_texts + data.eval_texts) == sorted(row["sentence"] for row in rows)
+    # Test is carved first (10 of 40), then validation from the rest (8 of 30); both stratified.
+    assert data.sizes == {"train": 22, "validation": 8, "test": 10}
+    everything = data.train_texts + data.validation_texts + data.test_texts
+    assert sorted(everything) == sorted(row["sentence"] for row in rows)
     by_text = {row["sentence"]: data.label_names.index(row["y"]) for row in rows}
-    assert all(by_text[t] == y for t, y in zip(data.train_texts + data.eval_texts,
-                                               data.train_labels + data.eval_labels))
-    again = load_text_classification(str(path), text_column="sentence", label_column="y", eval_fraction=0.25)
+    assert all(by_text[t] == y for t, y in zip(everything, data.train_labels + data.validation_labels + data.test_labels))
+    assert sorted(Counter(data.test_labels).values()) == [3, 3, 4]
+    again = load_text_classification(str(path), text_column="sentence", label_column="y", options=options)
     assert again == data
-    other = load_text_classification(str(path), text_column="sentence", label_column="y",
-                                     eval_fraction=0.25, split_seed=7)
-    assert set(other.eval_texts) != set(data.eval_texts)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -136,7 +144,7 @@ def test_local_file_int_labels_keep_values(tmp_path, suffix):
     rows = [{"text": f"t{i}", "label": [0, 2, 5][i % 3]} for i in range(30)]
     data = load_text_classification(str(_write(tmp_path / f"d{suffix}", rows)))
     assert data.label_names == ["0", "1", "2", "3", "4", "5"] and data.num_labels == 6
-    assert set(data.train_labels + data.eval_labels) == {0, 2, 5}
+    assert set(data.train_labels + data.validation_labels) == {0, 2, 5}
 
 
 def test_integer_valued_floats_and_numeric_strings_are_integers(tmp_path):
@@ -222,16 +230,41 @@ def test_empty_dataset(tmp_path, name, content):
 
 def test_too_few_rows_to_split(tmp_path):
     path = _write(tmp_path / "one.csv", [{"text": "only", "label": 0}])
-    with pytest.raises(UserError, match="too few to split"):
+    with pytest.raises(UserError, match="too few to carve out a test split"):
         load_text_classification(str(path))
 
 
 def test_bad_arguments(tmp_path):
     path = _write(tmp_path / "d.csv", [{"text": f"t{i}", "label": i % 2} for i in range(10)])
-    with pytest.raises(UserError, match="eval_fraction"):
-        load_text_classification(str(path), eval_fraction=1.0)
-    with pytest.raises(UserError, match="max_train_samples"):
-        load_text_classification(str(path), max_train_samples=0)
+    for options, key in ((SplitOptions(validation_fraction=1.0), "validation_fraction"),
+                         (SplitOptions(test_fraction=0.0), "test_fraction"),
+                         (SplitOptions(max_train_samples=0), "max_train_samples")):
+        with pytest.raises(UserError, match=key):
+            load_text_classification(str(path), options=options)
+
+
+def test_validation_and_test_files_replace_the_carve_outs(tmp_path):
+    rows = [{"text": f"train {i}", "label": ["a", "b"][i % 2]} for i in range(20)]
+    train = _write(tmp_path / "train.csv", rows)
+    val = _write(tmp_path / "val.jsonl", [{"text": "val 0", "label": "a"}, {"text": "val 1", "label": "b"}])
+    test = _write(tmp_path / "test.tsv", [{"text": f"test {i}", "label": "b"} for i in range(3)])
+    data = load_text_classification(str(train), options=SplitOptions(validation_file=str(val), test_file=str(test)))
+    assert data.sizes == {"train": 20, "validation": 2, "test": 3}
+    assert data.validation_texts == ["val 0", "val 1"] and data.test_labels == [1, 1, 1]
+    only_test = load_text_classification(str(train), options=SplitOptions(test_file=str(test)))
+    assert only_test.sizes == {"train": 18, "validation": 2, "test": 3}
+    assert not set(only_test.validation_texts) & set(only_test.train_texts)
+
+
+def test_labels_the_training_data_never_has_are_refused(tmp_path):
+    train = _write(tmp_path / "train.csv", [{"text": f"t{i}", "label": ["a", "b"][i % 2]} for i in range(10)])
+    test = _write(tmp_path / "test.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "zebra"}])
+    with pytest.raises(UserError, match=r"the test split of .* has 1 label\(s\) the training data never has: 'zebra'"):
+        load_text_classification(str(train), options=SplitOptions(test_file=str(test)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(UserError, match="empty"):
+        load_text_classification(str(train), options=SplitOptions(validation_file=str(empty)))
 
 
 def test_unsupported_existing_file(tmp_path):

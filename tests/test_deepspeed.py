@@ -64,7 +64,7 @@ def sweep(name: str, model: Path, data: Path, *, workers: int, deepspeed: dict |
         "model": str(model),
         "tasks": [{"dataset": str(data), "max_eval_samples": 64}],
         "methods": {"lora": {"r": 4, "dropout": 0.0, "lr": lr}},
-        "search": {"algorithm": "grid", "scheduler": scheduler, "metric": "eval/loss", "mode": "min",
+        "search": {"algorithm": "grid", "scheduler": scheduler, "metric": "validation/loss", "mode": "min",
                    "max_concurrent": 1, "grace_period": 1},
         "training": {"max_steps": 20, "eval_every": 5, "log_every": 1, "batch_size": 16, "seeds": [0],
                      "gradient_accumulation_steps": accumulation},
@@ -139,7 +139,7 @@ def test_two_zero2_workers_train_like_one_process_across_a_killed_rank(local_ray
 
     # Rank 0 reports what the single-process loop reports, costs included.
     assert zero2.final_metrics.keys() == single.final_metrics.keys()
-    assert zero2.final_metrics["eval/loss"] == pytest.approx(single.final_metrics["eval/loss"], abs=1e-5)
+    assert zero2.final_metrics["validation/loss"] == pytest.approx(single.final_metrics["validation/loss"], abs=1e-5)
     assert zero2.trainable_params == single.trainable_params and zero2.total_params == single.total_params
     assert zero2.adapter_bytes > 0 and zero2.peak_memory_bytes > 0 and zero2.samples_per_second > 0
 
@@ -191,8 +191,8 @@ def test_zero3_adapter_reloads_into_a_plain_model_nan_fails_and_asha_frees_the_w
     path = peftlab_home / "adapters" / "zero3" / trained.trial_id
     model = PeftModel.from_pretrained(base, str(path)).eval()
     metrics = task.evaluate(model, 64, torch.device("cpu"))
-    assert metrics["loss"] == pytest.approx(trained.final_metrics["eval/loss"], abs=1e-5)
-    assert metrics["accuracy"] == trained.final_metrics["eval/accuracy"]
+    assert metrics["loss"] == pytest.approx(trained.final_metrics["validation/loss"], abs=1e-5)
+    assert metrics["accuracy"] == trained.final_metrics["validation/accuracy"]
 
 
 @pytest.mark.parametrize("deepspeed, expected", [

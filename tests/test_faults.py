@@ -125,7 +125,7 @@ def test_a_killed_trial_worker_retries_from_its_checkpoint(tmp_path, tiny_bert_d
     resumed_from = int(runs[retried.trial_id].data.tags["peftlab.resumed_from_step"])
     assert resumed_from in (600, 900, 1200)  # continued from a checkpoint, not from the start
     assert "peftlab.resumed_from_step" not in runs[untouched.trial_id].data.tags
-    assert retried.final_metrics["eval/accuracy"] == untouched.final_metrics["eval/accuracy"]
+    assert retried.final_metrics["validation/accuracy"] == untouched.final_metrics["validation/accuracy"]
     assert retried.objective == untouched.objective
 
     def adapter(trial: TrialRecord) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ def sweep(tmp_path_factory, tiny_bert_dir, sentiment_csv, mlflow_server) -> Iter
             "bitfit": {"lr": [1.0e-3, 1.0e-2]},
             "full": {"lr": 1.0e-4},
         },
-        "search": {"algorithm": "grid", "scheduler": "fifo", "metric": "eval/accuracy", "mode": "max",
+        "search": {"algorithm": "grid", "scheduler": "fifo", "metric": "validation/accuracy", "mode": "max",
                    "max_concurrent": 2},
         "training": {"max_steps": 6, "eval_every": 3, "batch_size": 8, "seeds": [0]},
         "resources": {"cpus_per_trial": 1},
@@ -148,9 +148,9 @@ def test_every_concurrent_trial_has_exactly_one_complete_run_on_the_server(sweep
         assert run.info.run_id == trial.mlflow_run_id
         assert run.info.status == "FINISHED"
         assert run.data.tags["peftlab.method"] == trial.method
-        assert run.data.metrics["final/eval/accuracy"] == pytest.approx(trial.final_metrics["eval/accuracy"])
-        assert "final/eval/loss" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [3, 6]
+        assert run.data.metrics["final/validation/accuracy"] == pytest.approx(trial.final_metrics["validation/accuracy"])
+        assert "final/validation/loss" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "validation/accuracy")] == [3, 6]
         local = Path(client.download_artifacts(run.info.run_id, "adapter", str(sweep.folder / trial.trial_id)))
         files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
         assert files and sum(files.values()) == trial.adapter_bytes, files

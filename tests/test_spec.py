@@ -43,7 +43,7 @@ def test_valid_spec_gets_defaults():
     spec = parse_spec(BASE)
     assert spec.model is None and spec.model_for(spec.tasks[0]) == "minilm"
     assert spec.training.seeds == [0]
-    assert spec.metric_for(spec.tasks[0]) == "eval/accuracy"
+    assert spec.metric_for(spec.tasks[0]) == "validation/accuracy"
     assert spec.mode_for(spec.tasks[0]) == "max"
     assert spec.tasks[0].label == "sst2"
 
@@ -78,7 +78,7 @@ def test_missing_spec_file(tmp_path):
     ({"methods": {"lora": {"rank": 8}}}, "methods.lora.rank: unknown hyperparameter for lora"),
     ({"search__max_concurrent": 0}, "search.max_concurrent: must be at least 1"),
     ({"search__algorithm": "bayes"}, "search.algorithm:"),
-    ({"search__metric": "eval/bleu"}, "search.metric: 'eval/bleu' is not reported"),
+    ({"search__metric": "validation/bleu"}, "search.metric: 'validation/bleu' is not reported"),
     ({"tasks": []}, "tasks:"),
     ({"name": "has space"}, "name:"),
 ])

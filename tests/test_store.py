@@ -47,7 +47,7 @@ def store(empty_url: str) -> Iterator[ResultsStore]:
 
 def make_experiment(store: ResultsStore, name: str = "sweep", mode: str = "max") -> None:
     store.create_experiment(
-        name, {"name": name}, "hash-1", "eval/accuracy", mode, "abc123", {"torch": "2.13.0"}
+        name, {"name": name}, "hash-1", "validation/accuracy", mode, "abc123", {"torch": "2.13.0"}
     )
 
 
@@ -128,7 +128,7 @@ def test_create_experiment_is_idempotent_for_the_same_spec_only(store: ResultsSt
     record = store.get_experiment("sweep")
     assert record.status is ExperimentStatus.RUNNING and record.created_at.tzinfo == timezone.utc
     with pytest.raises(UserError, match="peftlab resume sweep"):
-        store.create_experiment("sweep", {}, "hash-2", "eval/accuracy", "max", "abc123", {})
+        store.create_experiment("sweep", {}, "hash-2", "validation/accuracy", "max", "abc123", {})
     store.set_experiment_status("sweep", ExperimentStatus.COMPLETED)
     assert store.get_experiment("sweep").status is ExperimentStatus.COMPLETED
 
@@ -167,10 +167,10 @@ def test_non_finite_values_are_stored_as_null(store: ResultsStore) -> None:
 def test_add_metrics_replaces_a_rewritten_point(store: ResultsStore) -> None:
     make_experiment(store)
     store.upsert_trial(make_trial("t1"))
-    store.add_metrics("sweep", "t1", 1, {"loss": 1.0, "eval/accuracy": 0.5})
+    store.add_metrics("sweep", "t1", 1, {"loss": 1.0, "validation/accuracy": 0.5})
     store.add_metrics("sweep", "t1", 1, {"loss": 0.9})
     store.add_metrics("sweep", "t1", 2, {"loss": 0.8})
-    assert store.metrics("sweep", "t1") == [(1, "eval/accuracy", 0.5), (1, "loss", 0.9), (2, "loss", 0.8)]
+    assert store.metrics("sweep", "t1") == [(1, "loss", 0.9), (1, "validation/accuracy", 0.5), (2, "loss", 0.8)]
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -242,19 +242,19 @@ def test_migration_0003_keeps_the_rows_of_an_older_store(empty_url: str) -> None
         connection.exec_driver_sql(
             "INSERT INTO experiments (id, name, spec, spec_hash, created_at, updated_at, status, metric, mode, "
             "code_version, package_versions) VALUES (7, 'old', '{}', 'h', '2025-01-01 00:00:00+00:00', "
-            "'2025-01-01 00:00:00+00:00', 'COMPLETED', 'eval/accuracy', 'max', 'abc', '{}')")
+            "'2025-01-01 00:00:00+00:00', 'COMPLETED', 'validation/accuracy', 'max', 'abc', '{}')")
         connection.exec_driver_sql(
             "INSERT INTO trials (trial_id, experiment_id, task, dataset, model, method, seed, hparams, status, "
             "objective, final_metrics, best_metrics) VALUES ('a1b2c3d4', 7, 'sst2', 'sst2', 'minilm', 'lora', 0, "
             "'{\"r\": 8}', 'COMPLETED', 0.9, '{}', '{}')")
         connection.exec_driver_sql(
-            "INSERT INTO trial_metrics (trial_id, step, name, value) VALUES ('a1b2c3d4', 5, 'eval/accuracy', 0.9)")
+            "INSERT INTO trial_metrics (trial_id, step, name, value) VALUES ('a1b2c3d4', 5, 'validation/accuracy', 0.9)")
     engine.dispose()
 
     store = ResultsStore(empty_url)  # migrates to the current revision
     [trial] = store.trials("old")
     assert (trial.trial_id, trial.hparams, trial.objective, trial.restarts) == ("a1b2c3d4", {"r": 8}, 0.9, 0)
-    assert store.metrics("old", "a1b2c3d4") == [(5, "eval/accuracy", 0.9)]
+    assert store.metrics("old", "a1b2c3d4") == [(5, "validation/accuracy", 0.9)]
     store.close()
     engine = create_engine(empty_url)
     with engine.connect() as connection:
@@ -284,7 +284,7 @@ def test_readers_leave_a_sqlite_store_byte_identical(tmp_path):
     path = tmp_path / "results.db"
     url = f"sqlite:///{path}"
     writer = ResultsStore(url)
-    writer.create_experiment("x", {"name": "x"}, "h", "eval/accuracy", "max", "v", {})
+    writer.create_experiment("x", {"name": "x"}, "h", "validation/accuracy", "max", "v", {})
     writer.close()
     connection = sqlite3.connect(path)
     assert connection.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
@@ -324,4 +324,49 @@ def test_migration_0003_downgrades_only_while_trial_ids_are_unique(empty_url: st
         command.downgrade(_alembic_config(connection), "0002")
         assert connection.exec_driver_sql("SELECT trial_id, step FROM trial_metrics").all() == [("t1", 1)]
         assert connection.exec_driver_sql("SELECT COUNT(*) FROM dashboard_curves").scalar_one() == 1
+    engine.dispose()
+
+
+def test_migration_0004_makes_the_old_evaluation_the_validation_split(empty_url: str) -> None:
+    """A store from before test splits: its eval/ metrics were the search's split, so they become
+    validation/; its trials have no test score, which reads as missing (NULL), not zero."""
+    from alembic import command
+
+    if empty_url.startswith("sqlite:///"):
+        Path(empty_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(empty_url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0003")
+        connection.exec_driver_sql(
+            "INSERT INTO experiments (id, name, spec, spec_hash, created_at, updated_at, status, metric, mode, "
+            "code_version, package_versions) VALUES (3, 'old', '{}', 'h', '2025-01-01 00:00:00+00:00', "
+            "'2025-01-01 00:00:00+00:00', 'COMPLETED', 'eval/accuracy', 'max', 'abc', '{}')")
+        connection.exec_driver_sql(
+            "INSERT INTO trials (trial_id, experiment_id, task, dataset, model, method, seed, hparams, status, "
+            "objective, final_metrics, best_metrics) VALUES ('t1', 3, 'sst2', 'sst2', 'minilm', 'lora', 0, "
+            "'{}', 'COMPLETED', 0.9, '{\"eval/accuracy\": 0.9, \"step\": 5}', '{\"eval/accuracy\": 0.9}')")
+        connection.exec_driver_sql(
+            "INSERT INTO trial_metrics (experiment_id, trial_id, step, name, value) VALUES "
+            "(3, 't1', 5, 'eval/accuracy', 0.9), (3, 't1', 5, 'train/loss', 0.4)")
+    engine.dispose()
+
+    store = ResultsStore(empty_url)
+    assert store.get_experiment("old").metric == "validation/accuracy"
+    [trial] = store.trials("old")
+    assert trial.final_metrics == {"validation/accuracy": 0.9, "step": 5}
+    assert trial.best_metrics == {"validation/accuracy": 0.9} and trial.test_objective is None
+    assert store.metrics("old", "t1") == [(5, "train/loss", 0.4), (5, "validation/accuracy", 0.9)]
+    [row] = store.leaderboard("old")
+    assert (row.objective, row.test_objective) == (0.9, None)
+    store.add_metrics("old", "t1", 5, {"test/accuracy": 0.8})
+    store.close()
+    engine = create_engine(empty_url)
+    with engine.begin() as connection:
+        view = connection.exec_driver_sql("SELECT objective, test_objective FROM dashboard_trials").all()
+        assert [tuple(r) for r in view] == [(0.9, None)]
+        command.downgrade(_alembic_config(connection), "0003")
+        names = connection.exec_driver_sql("SELECT name FROM trial_metrics ORDER BY name").scalars().all()
+        assert names == ["eval/accuracy", "train/loss"]  # test points have no place there
+        assert connection.exec_driver_sql("SELECT metric FROM experiments").scalar_one() == "eval/accuracy"
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM dashboard_trials").scalar_one() == 1
     engine.dispose()

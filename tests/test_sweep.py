@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +54,10 @@ def mlflow_runs(home: Path, experiment: str):
 
 
 def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
-    # Trials run one at a time in grid order. The first (full, lr 3e-3) learns the task by
-    # step 50 and sets ASHA's second rung; near-zero learning rates keep the initial loss, so
-    # they must be stopped there; the absurd learning rate makes the loss overflow, which
-    # must fail that trial only.
+    # Trials run one at a time in grid order, compared at rungs 25 and 50 across methods. The first
+    # (full, lr 3e-3) learns the task and sets the rungs; near-zero learning rates keep the initial
+    # loss, so they are stopped at one of them, yet tested and saved; the absurd learning rate
+    # makes the loss overflow, which must fail that trial only.
     spec = {
         "name": "e2e",
         "model": str(tiny_bert_dir),
@@ -66,8 +67,8 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
             "lora": {"r": [2], "lr": 1.0e-9},
             "bitfit": {"lr": 1.0e-2},
         },
-        "search": {"algorithm": "grid", "scheduler": "asha", "metric": "eval/loss", "mode": "min",
-                   "max_concurrent": 1, "grace_period": 1},
+        "search": {"algorithm": "grid", "scheduler": "asha", "metric": "validation/loss", "mode": "min",
+                   "max_concurrent": 1, "grace_period": 1, "rung_groups": "all"},
         "training": {"max_steps": 75, "eval_every": 25, "batch_size": 16, "seeds": [0]},
     }
     spec_path = tmp_path / "e2e.yaml"
@@ -89,10 +90,15 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     by_config = {(t.method, t.hparams.get("lr"), t.hparams.get("r")): t for t in trials}
     good = by_config[("full", 3.0e-3, None)]
     assert good.status is TrialStatus.COMPLETED and good.steps == 75
+    assert "rungs at steps 25, 50 within each task" in done.stdout
     for key in [("full", 1.0e-9, None), ("lora", 1.0e-9, 2)]:
         stopped = by_config[key]
         assert stopped.status is TrialStatus.EARLY_STOPPED, (key, stopped.status, stopped.final_metrics)
-        assert stopped.steps == 50
+        assert stopped.steps in (25, 50)
+        # A stopped trial is tested on its kept checkpoint and keeps its adapter, like a finished one.
+        assert {"test/loss", "test/accuracy", "validation/loss"} <= set(stopped.final_metrics)
+        assert (home / "adapters" / "e2e" / stopped.trial_id).is_dir()
+        assert stopped.objective == stopped.final_metrics["validation/loss"]
     diverged = by_config[("full", 1.0e+30, None)]
     assert diverged.status is TrialStatus.FAILED
     assert "training loss became" in diverged.error and "\n" not in diverged.error
@@ -104,9 +110,15 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
         assert trial.mlflow_run_id
     assert good.trainable_params == good.total_params > by_config[("lora", 1.0e-9, 2)].trainable_params
     assert good.adapter_bytes > 0 and good.peak_memory_bytes > 0 and good.train_seconds > 0
-    assert good.samples_per_second > 0 and 0.0 <= good.final_metrics["eval/accuracy"] <= 1.0
-    assert good.objective == min(v for s, n, v in store.metrics(good.experiment, good.trial_id) if n == "eval/loss")
-    assert sorted({s for s, n, _ in store.metrics(good.experiment, good.trial_id) if n == "eval/accuracy"}) == [25, 50, 75]
+    assert good.samples_per_second > 0 and 0.0 <= good.final_metrics["validation/accuracy"] <= 1.0
+    curve = store.metrics(good.experiment, good.trial_id)
+    best_step, best_loss = min(((s, v) for s, n, v in curve if n == "validation/loss"), key=lambda point: point[1])
+    # select: best (the default) keeps the best validation evaluation: its step, its numbers.
+    assert good.objective == best_loss == good.final_metrics["validation/loss"]
+    assert good.final_metrics["step"] == best_step
+    assert [s for s, n, _ in curve if n == "test/accuracy"] == [75]  # tested once, at the end
+    assert good.final_metrics["test/accuracy"] == next(v for s, n, v in curve if n == "test/accuracy")
+    assert sorted({s for s, n, _ in store.metrics(good.experiment, good.trial_id) if n == "validation/accuracy"}) == [25, 50, 75]
     # The train loss every log_every (10) steps and at each evaluation, not only at evaluations.
     loss_steps = [10, 20, 25, 30, 40, 50, 60, 70, 75]
     assert [s for s, n, _ in store.metrics(good.experiment, good.trial_id) if n == "train/loss"] == loss_steps
@@ -118,7 +130,7 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert not {"r", "alpha"} & set(runs[good.trial_id].data.params)
     assert runs[diverged.trial_id].info.status == "FAILED"
     assert runs[good.trial_id].info.status == "FINISHED"
-    history = client.get_metric_history(good.mlflow_run_id, "eval/accuracy")
+    history = client.get_metric_history(good.mlflow_run_id, "validation/accuracy")
     assert [m.step for m in history] == [25, 50, 75]
     assert sorted(m.step for m in client.get_metric_history(good.mlflow_run_id, "train/loss")) == loss_steps
     params = runs[good.trial_id].data.params
@@ -136,10 +148,13 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     assert {r["method"] for r in rows} == {"full", "lora", "bitfit"}
     full = next(r for r in rows if r["method"] == "full")
     assert full["trial_id"] == good.trial_id and full["status"] == "COMPLETED" and full["steps"] == good.steps
+    assert full["objective"] == good.objective and full["test_objective"] == good.final_metrics["test/loss"]
     markdown = run_cli("results", "e2e", "--format", "markdown", home=home)
     assert markdown.returncode == 0, markdown.stderr
     lines = markdown.stdout.splitlines()
     assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
+    # The files of a saved adapter can go missing: eval and export then say so.
+    shutil.rmtree(home / "adapters" / "e2e" / by_config[("lora", 1.0e-9, 2)].trial_id)
     assert_exports(home, tmp_path, good, tiny_bert_dir)
     assert_eval(home, tmp_path, good, sentiment_csv)
     assert_predict(home, tmp_path, good, sentiment_csv)
@@ -151,20 +166,22 @@ def assert_predict(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> Non
 
     from peftlab.workers.data import load_text_classification
 
-    data = load_text_classification(str(sentiment_csv), max_eval_samples=120)
+    from peftlab.workers.data import SplitOptions
+
+    data = load_text_classification(str(sentiment_csv), options=SplitOptions(max_eval_samples=120))
     rows = tmp_path / "to-label.csv"
-    pd.DataFrame({"text": data.eval_texts}).to_csv(rows, index=False)
+    pd.DataFrame({"text": data.test_texts}).to_csv(rows, index=False)
     out = tmp_path / "predictions.csv"
     done = run_cli("predict", "e2e", "--method", "full", "--file", str(rows), "--out", str(out), home=home)
     assert done.returncode == 0, done.stdout + done.stderr
     predicted = pd.read_csv(out)
     assert list(predicted.columns) == ["row", "text", "prediction", "probability"]
-    assert predicted["row"].tolist() == list(range(1, len(data.eval_texts) + 1))
-    assert predicted["text"].tolist() == data.eval_texts
+    assert predicted["row"].tolist() == list(range(1, len(data.test_texts) + 1))
+    assert predicted["text"].tolist() == data.test_texts
     assert predicted["probability"].between(0.5, 1.0).all()  # two classes: the winner has at least half
-    gold = [data.label_names[label] for label in data.eval_labels]
+    gold = [data.label_names[label] for label in data.test_labels]
     accuracy = (predicted["prediction"].astype(str) == pd.Series(gold).astype(str)).mean()
-    assert accuracy == pytest.approx(good.final_metrics["eval/accuracy"], abs=1e-9)
+    assert accuracy == pytest.approx(good.final_metrics["test/accuracy"], abs=1e-9)
 
     blank, untitled = tmp_path / "blank.csv", tmp_path / "untitled.csv"
     blank.write_text("text\nfine\n\"  \"\n")
@@ -187,20 +204,23 @@ def eval_rows(stdout: str) -> dict[str, list[float]]:
     found = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip("│┃ ").split("│")]
-        if cells and cells[0].startswith("eval/"):
+        if cells and cells[0].startswith(("validation/", "test/")):
             found[cells[0]] = [float(c) for c in cells[1:] if c not in ("", "-")]
     return found
 
 
 def assert_eval(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
-    """`peftlab eval` reloads the saved adapter and reproduces the trial's recorded evaluation."""
-    for chosen in (["--method", "full"], ["--trial", good.trial_id]):
+    """`peftlab eval` reloads the saved adapter and reproduces the trial's recorded test metrics (and,
+    with --split validation, those of the kept checkpoint)."""
+    for chosen in (["--method", "full"], ["--trial", good.trial_id], ["--trial", good.trial_id, "--split", "validation"]):
         done = run_cli("eval", "e2e", *chosen, home=home)
         assert done.returncode == 0, done.stdout + done.stderr
         rows = eval_rows(done.stdout)
-        assert {"eval/accuracy", "eval/loss"} <= set(rows), done.stdout
+        split = chosen[-1] if "--split" in chosen else "test"
+        assert {f"{split}/accuracy", f"{split}/loss"} == set(rows) - {f"{split}/macro_f1"}, done.stdout
         for metric, (now, recorded) in rows.items():
             assert now == recorded == pytest.approx(good.final_metrics[metric], abs=5e-7), metric
+    rows = eval_rows(run_cli("eval", "e2e", "--method", "full", home=home).stdout)
     # The same file named as another data set: same labels, same rows, same numbers.
     again = run_cli("eval", "e2e", "--method", "full", "--dataset", str(sentiment_csv), home=home)
     assert again.returncode == 0, again.stderr
@@ -212,6 +232,7 @@ def assert_eval(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
         "no such trial": (["--trial", "nope"], "has no trial 'nope'"),
         "nothing named": ([], "--trial ID or --method M"),
         "no adapter": (["--method", "lora"], "is not at"),
+        "bad split": (["--method", "full", "--split", "train"], "--split must be validation or test"),
     }
     for case, (args, expected) in refusals.items():
         refused = run_cli("eval", "e2e", *args, home=home)
@@ -232,7 +253,7 @@ def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> Non
     source = home / "adapters" / "e2e" / good.trial_id
     assert {p.name for p in source.iterdir()} < {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
-    assert good.trial_id in card and f"{good.final_metrics['eval/loss']:.4f}" in card and "lr | 0.003" in card
+    assert good.trial_id in card and f"{good.final_metrics['validation/loss']:.4f}" in card and "lr | 0.003" in card
     assert json.loads((out / "peftlab-export.json").read_text())["trial_id"] == good.trial_id
 
     merged = tmp_path / "export" / "full-merged"
@@ -248,7 +269,7 @@ def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> Non
         assert torch.allclose(plain(**batch).logits, adapted(**batch).logits, atol=1e-5)
 
     # One line, exit 2, nothing written, for each: the folder exists, an unknown or unfinished method,
-    # a method whose adapter was never saved (ASHA stopped lora), --merge of a non-mergeable method.
+    # a method whose adapter files are gone, --merge of a non-mergeable method.
     refusals = {
         "exists": (["--method", "full", "--out", str(out)], "already exists"),
         "unknown method": (["--method", "nope", "--out", str(tmp_path / "x1")], "unknown method 'nope'"),

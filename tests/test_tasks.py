@@ -95,7 +95,8 @@ def test_exact_match_counts_greedy_answers(tiny_gpt2_dir):
     model, tokenizer = load_causal_lm(str(tiny_gpt2_dir))
     from peftlab.workers.data import InstructionData
 
-    data = InstructionData(["say the word"] * 8, ["movie"] * 8, ["say the word", "say the word"], ["movie", "plot"])
+    data = InstructionData(["say the word"] * 8, ["movie"] * 8, ["say the word", "say the word"], ["movie", "plot"],
+                           ["say the word"], ["movie"])
     task = CausalLmTask(data, tokenizer, 16, exact_match=True, max_new_tokens=2)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -201,7 +202,7 @@ def test_a_hugging_face_image_classifier_built_from_a_config(tmp_path, data_dir)
     info = TaskInfo("image-classification", 2, ("classifier",))
     assert trial.static.trainable_params == get_method("lora").expected_trainable(base, {"r": 4}, info)
     result = train(trial.model, trial.task, _settings(4, 1e-3), seed=0, device=trial.device, report=lambda r: None)
-    assert {"eval/auroc", "eval/accuracy", "eval/loss"} <= result.scores().keys()
+    assert {"validation/auroc", "validation/accuracy", "validation/loss"} <= result.scores().keys()
 
 
 def test_text_kind_loads_minilm_head(tiny_bert_dir):

@@ -20,28 +20,18 @@ STATE_FILE = "trainable_state.rank{rank}.pt"
 OWNER_FILE = "peftlab-checkpoint.json"
 
 
-def capture(module: nn.Module, step: int, stepper_state: dict[str, Any], progress: dict[str, float], *,
-            parameters: bool = True) -> dict[str, Any]:
-    """What training needs to continue after `step`: trainable parameters (unless the stepper saves
-    them itself) and every buffer (batch norm statistics move even when frozen), the stepper's
-    optimizer/schedule/scaler, the random states and the loop's progress counters. Frozen weights
-    come from the model as loaded."""
-    version, internal, gauss = random.getstate()
+def weights(module: nn.Module, *, parameters: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """CPU copies of the trainable parameters (unless `parameters` is False) and every buffer
+    (batch norm statistics move even when frozen): what training changed."""
     return {
-        "step": step,
         "parameters": {name: p.detach().cpu().clone() for name, p in module.named_parameters()
                        if p.requires_grad} if parameters else {},
         "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers()},
-        "stepper": stepper_state,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": [version, list(internal), gauss],
-        "progress": dict(progress),
     }
 
 
-def restore(module: nn.Module, state: dict[str, Any]) -> None:
-    """Put the captured parameters, buffers and random states back (the stepper restores its own)."""
+def put_back(module: nn.Module, state: dict[str, Any]) -> None:
+    """Copy what `weights` took back into the module."""
     parameters, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     missing = [name for name in state["parameters"] if name not in parameters]
     missing += [name for name in state["buffers"] if name not in buffers]
@@ -52,6 +42,30 @@ def restore(module: nn.Module, state: dict[str, Any]) -> None:
             parameters[name].copy_(value)
         for name, value in state["buffers"].items():
             buffers[name].copy_(value)
+
+
+def capture(module: nn.Module, step: int, stepper_state: dict[str, Any], progress: dict[str, float], *,
+            parameters: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What training needs to continue after `step`: trainable parameters (unless the stepper saves
+    them itself) and every buffer (batch norm statistics move even when frozen), the stepper's
+    optimizer/schedule/scaler, the random states, the loop's progress counters and its `extra`
+    state (the selected evaluation). Frozen weights come from the model as loaded."""
+    version, internal, gauss = random.getstate()
+    return {
+        "step": step,
+        **weights(module, parameters=parameters),
+        "stepper": stepper_state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": [version, list(internal), gauss],
+        "progress": dict(progress),
+        "extra": extra or {},
+    }
+
+
+def restore(module: nn.Module, state: dict[str, Any]) -> None:
+    """Put the captured parameters, buffers and random states back (the stepper restores its own)."""
+    put_back(module, state)
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

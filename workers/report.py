@@ -1,5 +1,6 @@
-"""The record a trial sends the driver at each report: step, train loss, evaluation metrics, costs,
-and, on its last report only, its outcome and where its adapter is. One typed shape for both paths."""
+"""The record a trial sends the driver at each report: step, train loss, validation metrics, costs,
+and, on its last report only, its outcome, its selected checkpoint's validation and test metrics and
+where its adapter is. One typed shape for both paths."""
 from __future__ import annotations
 
 import math
@@ -8,13 +9,19 @@ from enum import Enum
 from typing import Any
 
 RECORD_KEY = "peftlab"
-"""Where the record travels inside a Ray Tune result; the metrics the scheduler and the search
-algorithm read are also copied to the top level, under their `eval/<name>` keys."""
+"""Where the record travels inside a Ray Tune result; the validation metrics the scheduler and the
+search algorithm read are also copied to the top level, under their `validation/<name>` keys (test
+metrics never are)."""
+VALIDATION, TEST = "validation/", "test/"
+RETENTION = ("drift", "forgetting")
+"""Measured once, on the kept checkpoint, against the untouched model."""
 
 
 class Outcome(str, Enum):
     COMPLETED = "completed"
-    """The trial trained all its steps, evaluated and saved its adapter."""
+    """The trial trained all its steps, was tested and saved its adapter."""
+    EARLY_STOPPED = "early_stopped"
+    """A rung stopped the trial; it was tested and saved its adapter like a completed one."""
 
 
 @dataclass
@@ -48,8 +55,14 @@ class TrialReport:
     """Mean train loss over the steps since the previous report."""
     lr: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    """Evaluation metrics by name (accuracy, loss, drift...), without a split prefix."""
+    """This evaluation's validation metrics by name (accuracy, loss...), without a split prefix."""
     outcome: Outcome | None = None
+    selected_step: int | None = None
+    """Last report: the step of the checkpoint the trial kept (training.select)."""
+    selected_metrics: dict[str, float] = field(default_factory=dict)
+    """Last report: that checkpoint's validation metrics, and retention (drift, forgetting)."""
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    """Last report: that checkpoint's test metrics, evaluated once."""
     adapter_path: str | None = None
     """The adapter folder on the trial's node."""
     adapter_uri: str | None = None
@@ -62,15 +75,28 @@ class TrialReport:
     def is_evaluation(self) -> bool:
         return bool(self.metrics)
 
+    @property
+    def is_final(self) -> bool:
+        return self.outcome is not None
+
     def scores(self) -> dict[str, float]:
-        """The metrics under the names a spec's `search.metric` uses (eval/accuracy, ...)."""
-        return {f"eval/{k}": v for k, v in self.metrics.items()}
+        """This evaluation's metrics under the names a spec's `search.metric` uses (validation/accuracy, ...)."""
+        return {f"{VALIDATION}{k}": v for k, v in self.metrics.items()}
+
+    def selected(self) -> dict[str, float]:
+        """Last report: the kept checkpoint's validation and test metrics, prefixed."""
+        return {**{f"{VALIDATION}{k}": v for k, v in self.selected_metrics.items()},
+                **{f"{TEST}{k}": v for k, v in self.test_metrics.items()}}
 
     def curve(self) -> dict[str, float]:
-        """The points this report adds to the trial's metric curves."""
+        """The points this report adds to the trial's metric curves; the last one adds the test
+        metrics and retention once."""
         points = dict(self.scores())
         if self.train_loss is not None and math.isfinite(self.train_loss):
             points["train/loss"] = self.train_loss
+        if self.is_final:
+            points.update({f"{TEST}{k}": v for k, v in self.test_metrics.items()})
+            points.update({f"{VALIDATION}{k}": v for k, v in self.selected_metrics.items() if k in RETENTION})
         return points
 
     def to_result(self) -> dict[str, Any]:

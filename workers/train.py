@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftlab.workers import checkpoint
 from peftlab.workers.report import Costs, Outcome, TrialReport
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +40,11 @@ class LoopSettings:
     log_every: int = 10
     precision: str = "fp32"
     accumulation: int = 1
+    select: str = "best"
+    """"best": keep the state of the best validation evaluation; "last": the final one."""
+    metric: str = "loss"
+    """The validation metric (no prefix) that `select` and the rungs compare."""
+    mode: str = "min"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -76,6 +82,13 @@ def optimizer_and_schedule(params: list[nn.Parameter], settings: LoopSettings):
 def check_finite(loss_value: float, step: int) -> None:
     if not math.isfinite(loss_value):
         raise NonFiniteLoss(f"training loss became {loss_value} at step {step}")
+
+
+def better(new: float | None, old: float | None, mode: str) -> bool:
+    """Whether `new` beats `old` in direction `mode`; a missing or non-finite value never does."""
+    if new is None or not math.isfinite(new):
+        return False
+    return old is None or (new > old if mode == "max" else new < old)
 
 
 def is_eval_step(step: int, settings: LoopSettings) -> bool:
@@ -226,7 +239,12 @@ class TrialLoop:
     resume: Path | None = None
     """A checkpoint folder of this trial (its owner checked) to continue from; its step's batches
     are skipped, not trained again."""
+    rungs: Callable[[int, float | None], bool] | None = None
+    """At each evaluation before the last: given the step and its validation metric, whether the
+    trial goes on (see rungs.py); None: every trial trains to the end."""
     _resumed_from: int | None = field(default=None, init=False)
+    _selected: dict | None = field(default=None, init=False)
+    """The kept evaluation so far: step, validation metrics and (select best) the trained weights."""
     _reported: bool = field(default=False, init=False)
 
     def _report(self, meter: Meter, step: int, adapter_bytes: int | None = None,
@@ -251,39 +269,52 @@ class TrialLoop:
             and evaluations % self.checkpoint_every == 0
 
     def _state_writer(self, step: int, meter: Meter) -> Callable[[Path], None]:
-        from peftlab.workers import checkpoint
-
         def write(folder: Path) -> None:
             stepper_state = self.stepper.save_state(folder)
             state = checkpoint.capture(self.stepper.module, step, stepper_state, meter.progress(),
-                                       parameters=self.stepper.parameters_in_state)
+                                       parameters=self.stepper.parameters_in_state,
+                                       extra={"selected": self._selected})
             checkpoint.write(state, folder, rank=self.stepper.rank)
 
         return write
 
     def _continue(self, meter: Meter, batches: Iterator) -> int:
         """Restore the resumed state; the step to continue after."""
-        from peftlab.workers import checkpoint
-
         state = checkpoint.read_state(self.resume, rank=self.stepper.rank)
         self.stepper.load_state(self.resume, state["stepper"])
         checkpoint.restore(self.stepper.module, state)  # after the stepper: the random states last
+        self._selected = state.get("extra", {}).get("selected")
         meter.train_seconds, meter.examples = state["progress"]["train_seconds"], int(state["progress"]["examples"])
         for _ in range(state["step"]):  # the same data order as an uninterrupted run
             next(batches)
         self._resumed_from = state["step"]
         return state["step"]
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, split: str = "validation") -> dict[str, float]:
         with self.stepper.autocast():
-            return self.task.evaluate(self.stepper.module, self.settings.eval_batch_size, self.stepper.device)
+            return self.task.evaluate(self.stepper.module, self.settings.eval_batch_size, self.stepper.device,
+                                      split=split)
 
-    def _finish(self, metrics: dict[str, float]) -> dict:
-        """Save the adapter, then measure retention against the untouched model."""
+    def _consider(self, step: int, metrics: dict[str, float]) -> None:
+        """Keep this evaluation if `select` prefers it to the one kept so far."""
+        settings, kept = self.settings, self._selected
+        if settings.select == "last":
+            self._selected = {"step": step, "metrics": metrics}
+        elif kept is None or better(metrics.get(settings.metric), kept["metrics"].get(settings.metric), settings.mode):
+            self._selected = {"step": step, "metrics": metrics, "weights": checkpoint.weights(self.stepper.module)}
+
+    def _finish(self, step: int, metrics: dict[str, float], outcome: Outcome) -> dict:
+        """Restore the kept evaluation's weights, test them once, save the adapter, then measure
+        retention against the untouched model."""
+        kept = self._selected or {"step": step, "metrics": metrics}
+        if kept["step"] != step and "weights" in kept:
+            checkpoint.put_back(self.stepper.module, kept["weights"])
+        test = self._evaluate("test")
         wrote = self.save is not None and self.stepper.save(self.save, self.adapter_dir)
         # At full precision, as the untouched model's reference was taken.
         retention = self.task.retention(self.stepper.module, self.stepper.device)
-        extra: dict = {"metrics": {**metrics, **retention}, "outcome": Outcome.COMPLETED}
+        extra: dict = {"metrics": metrics, "outcome": outcome, "selected_step": kept["step"],
+                       "selected_metrics": {**kept["metrics"], **retention}, "test_metrics": test}
         if wrote:
             extra.update(adapter_path=str(self.adapter_dir), adapter_bytes=directory_bytes(self.adapter_dir))
             if self.publish is not None:
@@ -291,8 +322,9 @@ class TrialLoop:
         return extra
 
     def train(self) -> TrialReport:
-        """Train for max_steps; report progress every log_every steps and metrics at each evaluation;
-        the last report, after saving, carries the outcome. Returns that last report."""
+        """Train for max_steps, or until a rung stops the trial; report progress every log_every
+        steps and validation metrics at each evaluation; the last report, after the test and the
+        save, carries the outcome. Returns that last report."""
         settings, stepper = self.settings, self.stepper
         stepper.module.train()
         batches: Iterator = self.task.train_batches(settings.batch_size, self.seed)
@@ -319,7 +351,11 @@ class TrialLoop:
 
             if is_eval_step(step, settings):
                 metrics = self._evaluate()
-                extra = self._finish(metrics) if step == settings.max_steps else {"metrics": metrics}
+                self._consider(step, metrics)
+                last = step == settings.max_steps
+                if not last and self.rungs is not None and not self.rungs(step, metrics.get(settings.metric)):
+                    return self._report(meter, step, **self._finish(step, metrics, Outcome.EARLY_STOPPED))
+                extra = self._finish(step, metrics, Outcome.COMPLETED) if last else {"metrics": metrics}
                 if self._checkpoints_at(step):
                     extra["state"] = self._state_writer(step, meter)
                 record = self._report(meter, step, **extra)

@@ -46,6 +46,13 @@ class TrialContext:
     trials on that node can write (elsewhere Ray refuses it, and a retry starts afresh)."""
     shared_storage: bool = False
     """The Ray storage is a folder every node mounts (PEFTLAB_RAY_STORAGE): trials on any node checkpoint."""
+    metric: str = "validation/loss"
+    """The search metric: what `training.select` and the rungs compare."""
+    mode: str = "min"
+    rungs: Any = None
+    """The task's RungPlan (rungs.py), None when every trial trains to its end."""
+    rung_board: str | None = None
+    """The Ray actor name of the task's RungBoard."""
 
     def checkpoint_owner(self, trial_id: str) -> dict[str, str]:
         """The record beside a trial's checkpoints: only this trial of this experiment restores them."""
@@ -67,7 +74,7 @@ def replay_if_finished(context: TrialContext, trial_id: str, report) -> bool:
         return False
     if status == "FAILED":
         raise RuntimeError(f"trial {trial_id} failed before the sweep was restored; it is not run again")
-    outcome = Outcome.COMPLETED if status == "COMPLETED" else None
+    outcome = Outcome.COMPLETED if status == "COMPLETED" else Outcome.EARLY_STOPPED
     report(TrialReport(step=0, max_steps=context.training.max_steps, costs=Costs(0, 0), outcome=outcome))
     return True
 
@@ -152,10 +159,20 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
         warmup_ratio=training.warmup_ratio, max_grad_norm=training.max_grad_norm,
         lr=hparams.get("lr", method.default_lr), weight_decay=hparams.get("weight_decay", 0.0),
         log_every=training.log_every, precision=training.precision,
-        accumulation=training.gradient_accumulation_steps,
+        accumulation=training.gradient_accumulation_steps, select=training.select,
+        metric=context.metric.split("/", 1)[-1], mode=context.mode,
     )
     static = Costs(trainable_params=trainable_params, total_params=total_params)
     return PreparedTrial(method, hparams, seed, model, task, settings, device, static)
+
+
+def rungs_for(context: TrialContext, trial_id: str):
+    """The loop's rung gate for this trial, or None when the task has no rungs."""
+    if context.rungs is None or context.rung_board is None:
+        return None
+    from peftlab.workers.rungs import rung_gate
+
+    return rung_gate(context.rungs, context.rung_board, trial_id)
 
 
 def adapter_path(adapters_dir: Path, experiment: str, trial_id: str) -> Path:
@@ -294,5 +311,5 @@ def run_trial(config: dict, context: TrialContext) -> None:
             TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
                       report=lambda record: tune.report(record.to_result()), save=method.save,
                       adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
-                      checkpoint=reporter,
+                      checkpoint=reporter, rungs=rungs_for(context, trial_id),
                       checkpoint_every=context.training.checkpoint_every, resume=resume).train()

@@ -13,7 +13,7 @@ from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
-from peftlab.workers.data import InstructionData, load_instruction_data, load_texts
+from peftlab.workers.data import InstructionData, load_instruction_data, load_texts, split_options
 from peftlab.workers.tasks.base import Task, TaskKind
 
 IGNORE = -100
@@ -82,14 +82,17 @@ def token_loss(model: nn.Module, encoded: dict[str, torch.Tensor], batch_size: i
 
 
 class CausalLmTask(Task):
-    """Instruction pairs; eval loss is per response token, perplexity its exponential."""
+    """Instruction pairs; the loss is per response token, perplexity its exponential."""
 
     def __init__(self, data: InstructionData, tokenizer, max_length: int, *, exact_match: bool = False,
                  max_new_tokens: int = 32, reference_texts: list[str] | None = None) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
         self.train = encode_pairs(tokenizer, data.train_prompts, data.train_responses, max_length)
-        self.eval = encode_pairs(tokenizer, data.eval_prompts, data.eval_responses, max_length)
-        self.eval_prompts, self.eval_responses = data.eval_prompts, data.eval_responses
+        self.splits = {split: encode_pairs(tokenizer, getattr(data, f"{split}_prompts"),
+                                           getattr(data, f"{split}_responses"), max_length)
+                       for split in ("validation", "test")}
+        self.pairs = {split: (getattr(data, f"{split}_prompts"), getattr(data, f"{split}_responses"))
+                      for split in ("validation", "test")}
         self.exact_match, self.max_new_tokens = exact_match, max_new_tokens
         self.reference = encode_texts(tokenizer, reference_texts, max_length) if reference_texts else None
         self.base_reference_loss: float | None = None
@@ -104,24 +107,26 @@ class CausalLmTask(Task):
                 yield _trim({k: v[order[start:start + size]] for k, v in self.train.items()})
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
+                 split: str = "validation") -> dict[str, float]:
         model.eval()
-        total, count = token_loss(model, self.eval, batch_size, device)
+        total, count = token_loss(model, self.splits[split], batch_size, device)
         metrics = {"loss": total / max(count, 1)}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # capped: exp overflows a float
         if self.exact_match:
-            metrics["exact_match"] = self._exact_match(model, batch_size, device)
+            metrics["exact_match"] = self._exact_match(model, batch_size, device, split)
         model.train()
         return metrics
 
-    def _exact_match(self, model: nn.Module, batch_size: int, device: torch.device) -> float:
-        """Share of eval prompts whose greedy answer equals the response (whitespace-stripped)."""
+    def _exact_match(self, model: nn.Module, batch_size: int, device: torch.device, split: str) -> float:
+        """Share of the split's prompts whose greedy answer equals the response (whitespace-stripped)."""
         tok = self.tokenizer
+        prompts_of, responses = self.pairs[split]
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         hits = 0
-        for start in range(0, len(self.eval_prompts), batch_size):
+        for start in range(0, len(prompts_of), batch_size):
             prompts = [bos + tok(p, add_special_tokens=False)["input_ids"]
-                       for p in self.eval_prompts[start:start + batch_size]]
+                       for p in prompts_of[start:start + batch_size]]
             width = max(len(p) for p in prompts)
             # Left padding: every prompt ends where generation starts.
             ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -129,9 +134,9 @@ class CausalLmTask(Task):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             answers = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-            gold = self.eval_responses[start:start + batch_size]
+            gold = responses[start:start + batch_size]
             hits += sum(a.strip() == g.strip() for a, g in zip(answers, gold, strict=True))
-        return hits / len(self.eval_prompts)
+        return hits / len(prompts_of)
 
     def _reference_loss(self, model: nn.Module, device: torch.device) -> float:
         was_training = model.training
@@ -157,8 +162,7 @@ class CausalLmKind(TaskKind):
     def load_data(self, spec: TaskSpec, data_dir: Path | None) -> InstructionData:
         return load_instruction_data(
             spec.dataset, prompt_column=spec.prompt_column, response_column=spec.response_column,
-            max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
-            eval_fraction=spec.eval_fraction,
+            options=split_options(spec),
         )
 
     def load_model(self, model: str, data: InstructionData, data_dir: Path | None, options: LoadOptions = LoadOptions()):

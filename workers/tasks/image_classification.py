@@ -13,6 +13,7 @@ from torch import nn
 from peftlab.errors import UserError
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
+from peftlab.workers.data import split_options
 from peftlab.workers.image_data import ImageClassificationData, load_image_classification
 from peftlab.workers.tasks.base import DriftTask, TaskKind
 from peftlab.workers.tasks.text_classification import macro_f1
@@ -78,22 +79,24 @@ class ImageClassificationTask(DriftTask):
                 index = order[start:start + size]
                 yield self._batch(self.data.train_images[index], self.data.train_labels[index])
 
-    def _eval_batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.data.eval_labels) if limit is None else min(limit, len(self.data.eval_labels))
+    def _eval_batches(self, split: str, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        images, labels = self.data.split(split)
+        n = len(labels) if limit is None else min(limit, len(labels))
         for start in range(0, n, batch_size):
             end = min(start + batch_size, n)
-            yield self._batch(self.data.eval_images[start:end], self.data.eval_labels[start:end])
+            yield self._batch(images[start:end], labels[start:end])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
+                 split: str = "validation") -> dict[str, float]:
         model.eval()
         total_loss, logits = 0.0, []
-        for batch in self._eval_batches(batch_size):
+        for batch in self._eval_batches(split, batch_size):
             out = model(**{k: v.to(device) for k, v in batch.items()})
             total_loss += out.loss.item() * len(batch["labels"])
             logits.append(out.logits.float().cpu())
         model.train()
-        scores, gold = torch.cat(logits), self.data.eval_labels
+        scores, gold = torch.cat(logits), self.data.split(split)[1]
         pred = scores.argmax(-1)
         metrics = {
             "loss": total_loss / len(gold),
@@ -105,7 +108,7 @@ class ImageClassificationTask(DriftTask):
         return metrics
 
     def reference_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self._eval_batches(64, self.retention_samples)
+        return self._eval_batches("validation", 64, self.retention_samples)
 
 
 class ImageClassificationKind(TaskKind):
@@ -113,8 +116,7 @@ class ImageClassificationKind(TaskKind):
     default_model = "resnet20-cifar10"
 
     def load_data(self, spec: TaskSpec, data_dir: Path | None) -> ImageClassificationData:
-        return load_image_classification(spec.dataset, data_dir=data_dir, max_train_samples=spec.max_train_samples,
-                                         max_eval_samples=spec.max_eval_samples)
+        return load_image_classification(spec.dataset, data_dir=data_dir, options=split_options(spec))
 
     def load_model(self, model: str, data: ImageClassificationData, data_dir: Path | None,
                    options: LoadOptions = LoadOptions()):

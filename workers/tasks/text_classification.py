@@ -11,7 +11,7 @@ from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
-from peftlab.workers.data import TextClassificationData, load_text_classification
+from peftlab.workers.data import TextClassificationData, load_text_classification, split_options
 from peftlab.workers.tasks.base import DriftTask, TaskKind
 
 GROUP_WINDOW = 50
@@ -42,7 +42,7 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
 class TextClassificationTask(DriftTask):
     """Batches for training, evaluation with loss, accuracy and macro-F1, representation drift.
 
-    Drift is measured on the first `retention_samples` eval sentences: the input of the first
+    Drift is measured on the first `retention_samples` validation sentences: the input of the first
     head module (the sentence representation the head classifies) before and after tuning.
     """
 
@@ -52,12 +52,11 @@ class TextClassificationTask(DriftTask):
         self.head = head[0] if head else None
         self.retention_samples = retention_samples
         self.train = _encode(tokenizer, data.train_texts, data.train_labels, max_length)
-        self.eval = _encode(tokenizer, data.eval_texts, data.eval_labels, max_length)
         self.num_train = len(data.train_labels)
         self.train_lengths = self.train["attention_mask"].sum(-1)
-        # Evaluation order does not change the metrics; sorted by length, batches pad less.
-        order = self.eval["attention_mask"].sum(-1).argsort(descending=True, stable=True)
-        self.eval = {k: v[order] for k, v in self.eval.items()}
+        self.splits = {split: _by_length(_encode(tokenizer, getattr(data, f"{split}_texts"),
+                                                 getattr(data, f"{split}_labels"), max_length))
+                       for split in ("validation", "test")}
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """An endless stream of shuffled training batches (reshuffled each epoch).
@@ -82,17 +81,19 @@ class TextClassificationTask(DriftTask):
                 yield _trim({k: v[batches[b]] for k, v in self.train.items()})
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
+                 split: str = "validation") -> dict[str, float]:
         model.eval()
         total_loss, preds = 0.0, []
-        n = len(self.eval["labels"])
+        encoded = self.splits[split]
+        n = len(encoded["labels"])
         for start in range(0, n, batch_size):
-            batch = _trim({k: v[start:start + batch_size].to(device) for k, v in self.eval.items()})
+            batch = _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
             out = model(**batch)
             total_loss += out.loss.item() * len(batch["labels"])
             preds.append(out.logits.argmax(-1).cpu())
         model.train()
-        pred, gold = torch.cat(preds), self.eval["labels"]
+        pred, gold = torch.cat(preds), encoded["labels"]
         return {
             "loss": total_loss / n,
             "accuracy": (pred == gold).float().mean().item(),
@@ -100,9 +101,10 @@ class TextClassificationTask(DriftTask):
         }
 
     def reference_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        n = min(self.retention_samples, len(self.eval["labels"]))
+        reference = self.splits["validation"]
+        n = min(self.retention_samples, len(reference["labels"]))
         for start in range(0, n, 64):
-            yield _trim({k: v[start:min(start + 64, n)] for k, v in self.eval.items()})
+            yield _trim({k: v[start:min(start + 64, n)] for k, v in reference.items()})
 
 
 class TextClassificationKind(TaskKind):
@@ -112,8 +114,7 @@ class TextClassificationKind(TaskKind):
     def load_data(self, spec: TaskSpec, data_dir: Path | None) -> TextClassificationData:
         return load_text_classification(
             spec.dataset, text_column=spec.text_column, label_column=spec.label_column,
-            max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
-            eval_fraction=spec.eval_fraction, data_dir=data_dir,
+            options=split_options(spec), data_dir=data_dir,
         )
 
     def load_model(self, model: str, data: TextClassificationData, data_dir: Path | None,
@@ -158,6 +159,12 @@ class TextClassificationKind(TaskKind):
                    training: TrainingSpec, data_dir: Path | None) -> TextClassificationTask:
         return TextClassificationTask(data, processor, training.max_length, head=head,
                                       retention_samples=spec.retention_samples if spec.retention else 0)
+
+
+def _by_length(encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Evaluation order does not change the metrics; sorted by length, batches pad less.
+    order = encoded["attention_mask"].sum(-1).argsort(descending=True, stable=True)
+    return {k: v[order] for k, v in encoded.items()}
 
 
 def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
