@@ -79,19 +79,28 @@ def _plan_table(spec, sizes: dict | None = None) -> Table:
 
 @app.command()
 @user_errors
-def validate(spec_path: SpecArg) -> None:
-    """Check a spec (data, model, methods) and print the trial plan; exit 2 on error."""
-    from peftlab.driver import preflight
+def validate(
+    spec_path: SpecArg,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse the spec (exit 2) on any data warning.")] = False,
+) -> None:
+    """Check a spec (data, model, methods), print each task's splits and the trial plan; exit 2 on
+    error, and with --strict on a data warning too."""
+    from peftlab.driver import preflight, sizes_of
+    from peftlab.progress import budget_table, splits_table
     from peftlab.spec import load_spec
 
-    from peftlab.driver import sizes_of
-    from peftlab.progress import budget_table
-
     spec = load_spec(spec_path)
-    fits = preflight(spec, source=str(spec_path))
+    reports: list = []
+    fits = preflight(spec, source=str(spec_path), data_reports=reports)
+    console.print(splits_table([summary for summaries, _ in reports for summary in summaries]))
+    warnings = [line for _, lines in reports for line in lines]
+    for line in warnings:
+        console.print(f"[yellow]warning[/]: {line}")
     if fits:
         console.print(budget_table(fits))
     console.print(_plan_table(spec, sizes_of(fits)))
+    if strict and warnings:
+        raise UserError(f"{len(warnings)} data warning(s) and --strict: {warnings[0]}")
     console.print(f"[green]ok[/]: {spec_path} is valid")
 
 

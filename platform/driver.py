@@ -75,9 +75,10 @@ def smoke(spec: ExperimentSpec) -> ExperimentSpec:
                                    "search": search, "seeds": seeds})
 
 
-def preflight(spec: ExperimentSpec, *, source: str | None = None) -> list[BudgetFit]:
+def preflight(spec: ExperimentSpec, *, source: str | None = None, data_reports: list | None = None) -> list[BudgetFit]:
     """Load every task's data and its model's structure; check each method can apply; size the
-    methods to the budget. Returns the budget fits (empty without a budget)."""
+    methods to the budget. Returns the budget fits (empty without a budget); appends each task's
+    (split summaries, warnings) to `data_reports` where one is given (see data_checks.py)."""
     from peftlab.budget import fit_budgets
     from peftlab.workers.methods import TaskInfo, get_method
     from peftlab.workers.tasks import task_kind
@@ -98,6 +99,10 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None) -> list[Budget
         except UserError as exc:
             problems.append(f"tasks[{i}].dataset: {exc}")
             continue
+        if data_reports is not None:
+            from peftlab.workers.data_checks import summarize
+
+            data_reports.append(summarize(task.label, data))
         try:
             model = kind.meta_model(spec.model_for(task), data, data_dir)
         except UserError as exc:

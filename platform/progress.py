@@ -135,8 +135,17 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = TrialReport.from_result(trial.last_result)
         state = "done" if last is not None and last.outcome is Outcome.COMPLETED else "early-stopped"
-        _, _, evaluation = self.running.get(trial.trial_id, ("", None, None))
-        self._line(trial, state, f"{self.plan.metric}={self._score(evaluation)}")
+        if last is not None and last.outcome is not None and last.selected_step is not None:
+            # The trial's one number per split: its kept checkpoint's.
+            kept = last.selected()
+            tested = self.plan.metric.replace("validation/", "test/", 1)
+            value, test = kept.get(self.plan.metric), kept.get(tested)
+            detail = (f"{self.plan.metric}={'-' if value is None else f'{value:.4f}'} (kept step "
+                      f"{last.selected_step}), {tested}={'-' if test is None else f'{test:.4f}'}")
+        else:
+            _, _, evaluation = self.running.get(trial.trial_id, ("", None, None))
+            detail = f"{self.plan.metric}={self._score(evaluation)}"
+        self._line(trial, state, detail)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from peftlab.recorder import error_reason
@@ -177,6 +186,22 @@ def steps_cell(steps: int | None, status: TrialStatus) -> str:
 def _mib(value: int | None) -> str:
     return f"{value / 2**20:.0f} MiB" if value else "-"
 
+
+
+def splits_table(summaries) -> Table:
+    """Rows and class counts of each task's train, validation and test splits."""
+    table = Table(title="Data: train for training, validation for the search, test reported once per trial",
+                  title_justify="left")
+    for column in ("task", "split", "rows", "classes", "examples per class"):
+        table.add_column(column, overflow="fold")
+    for s in summaries:
+        if s.counts is None:
+            table.add_row(s.task, s.split, f"{s.rows:,}", "-", "-")
+            continue
+        shown = ", ".join(f"{name} {n:,}" for name, n in list(s.counts.items())[:8])
+        more = f", ... ({len(s.counts) - 8} more)" if len(s.counts) > 8 else ""
+        table.add_row(s.task, s.split, f"{s.rows:,}", str(len(s.counts)), shown + more)
+    return table
 
 
 def budget_table(fits) -> Table:

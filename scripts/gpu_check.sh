@@ -79,5 +79,5 @@ with tempfile.TemporaryDirectory() as scratch:
         speed = report.costs.samples_per_second
         print(f"{label}: {speed:.1f} samples/s, {speed / batch:.2f} steps/s, "
               f"peak memory {report.costs.peak_memory_bytes / 2**30:.2f} GiB, "
-              f"eval/accuracy {report.metrics['accuracy']:.3f}")
+              f"validation/accuracy {report.metrics['accuracy']:.3f}")
 EOF

@@ -86,6 +86,18 @@ def breakages(tmp: Path) -> dict:
                            "search.max_failures: Input should be less than or equal to 10"),
         "negative checkpoint interval": (lambda s: s["training"].update(checkpoint_every=-1),
                                          "training.checkpoint_every: Input should be greater than or equal to 0"),
+        "moved eval_fraction": (lambda s: s["tasks"][0].update(eval_fraction=0.2),
+                                "`eval_fraction` is now `validation_fraction`"),
+        "fraction outside (0, 1)": (lambda s: s["tasks"][0].update(validation_fraction=1.0),
+                                    "tasks[0].validation_fraction: Input should be less than 1"),
+        "search on test": (lambda s: s["search"].update(metric="test/accuracy"),
+                           "search.metric: 'test/accuracy' cannot drive the search: searches read validation "
+                           "metrics only (use 'validation/accuracy')"),
+        "test labels never trained": (lambda s: s["tasks"][0].update(test_file=str(write_csv(
+            tmp / "unseen.csv", "text,label", ["fine film,positive", "odd film,zebra"]))),
+            "has 1 label(s) the training data never has: 'zebra'"),
+        "empty validation file": (lambda s: s["tasks"][0].update(validation_file=str(write_csv(
+            tmp / "empty-val.csv", "text,label", []))), "has an empty validation split"),
     }
 
 
@@ -256,6 +268,29 @@ def test_validate_prints_the_plan(tmp_path, peftlab_home, sentiment_csv, tiny_be
     assert result.exit_code == 0, result.output
     assert "lora" in result.stdout and "bitfit" in result.stdout and "is valid" in result.stdout
     assert "r=one of 2, 4" in result.stdout
+
+
+def test_validate_prints_each_split_and_strict_refuses_data_warnings(tmp_path, peftlab_home, sentiment_csv,
+                                                                     tiny_bert_dir):
+    spec = good_spec(sentiment_csv, tiny_bert_dir)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["validate", str(spec_path), "--strict"])
+    assert result.exit_code == 0, result.output
+    # 400 rows: a stratified 10% (40) carved out for test, then 10% of the rest (36) for validation.
+    cells = [[c.strip() for c in line.split("│")] for line in result.stdout.splitlines() if line.count("│") >= 5]
+    rows = {c[2]: c[3] for c in cells if c[2] in ("train", "validation", "test")}
+    assert rows == {"train": "324", "validation": "36", "test": "40"}
+    # A class with one training example and labels that differ only by case: warnings, refusals with --strict.
+    odd = write_csv(tmp_path / "odd.csv", "text,label", [f"text {i},{['pos', 'neg'][i % 2]}" for i in range(40)]
+                    + ["a rare one,rare", "shouting,POS"])
+    spec["tasks"][0].update(dataset=str(odd), test_fraction=0.05, validation_fraction=0.05)
+    spec_path.write_text(yaml.safe_dump(spec))
+    lenient = runner.invoke(app, ["validate", str(spec_path)])
+    assert lenient.exit_code == 0, lenient.output
+    assert "fewer than two training examples" in lenient.stdout and "differ only by case" in lenient.stdout
+    strict = runner.invoke(app, ["validate", str(spec_path), "--strict"])
+    assert strict.exit_code == 2 and "data warning(s) and --strict" in strict.stderr
 
 
 @pytest.mark.parametrize("example", sorted(path.name for path in (ROOT / "examples").glob("*.yaml")))

@@ -46,6 +46,7 @@ def test_cross_domain_smoke(tmp_path, data_dir):
         for t in ran:
             metric = f"validation/{task.metric}"
             assert metric in t.final_metrics and "validation/drift" in t.final_metrics, (t.task, t.method)
+            assert t.test_objective == t.final_metrics[f"test/{task.metric}"], (t.task, t.method)
         # Each method's best configuration ran with both smoke seeds (the search's seed 0 reused).
         for method in spec.methods_for(task):
             completed = [t for t in ran if t.method == method and t.status is TrialStatus.COMPLETED]

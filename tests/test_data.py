@@ -290,3 +290,13 @@ def test_registry_without_data_dir_goes_to_the_hub(hub_offline):
         load_text_classification("sst2")
     with pytest.raises(UserError, match="'fomc' has no Hugging Face Hub copy.*gtfintechlab"):
         load_text_classification("fomc")
+
+
+def test_a_carve_out_never_takes_a_class_out_of_training(tmp_path):
+    """A class with one example stays in training (validate warns about it), whatever the fractions."""
+    rows = [{"text": f"t{i}", "label": "common"} for i in range(30)] + [{"text": "only one", "label": "rare"}]
+    path = _write(tmp_path / "rare.csv", rows)
+    for fraction in (0.1, 0.3, 0.45):
+        data = load_text_classification(str(path), options=SplitOptions(validation_fraction=fraction,
+                                                                         test_fraction=fraction))
+        assert "only one" in data.train_texts, fraction

@@ -56,7 +56,7 @@ def local_ray():
 
 
 def sweep(name: str, model: Path, data: Path, *, workers: int, deepspeed: dict | None = None,
-          lr: list[float] | float = 5.0e-3, scheduler: str = "fifo", accumulation: int = 1):
+          lr: list[float] | float = 5.0e-3, scheduler: str = "fifo", accumulation: int = 1, select: str = "best"):
     from peftlab.driver import run_sweep
 
     spec = parse_spec({
@@ -67,7 +67,7 @@ def sweep(name: str, model: Path, data: Path, *, workers: int, deepspeed: dict |
         "search": {"algorithm": "grid", "scheduler": scheduler, "metric": "validation/loss", "mode": "min",
                    "max_concurrent": 1, "grace_period": 1},
         "training": {"max_steps": 20, "eval_every": 5, "log_every": 1, "batch_size": 16, "seeds": [0],
-                     "gradient_accumulation_steps": accumulation},
+                     "gradient_accumulation_steps": accumulation, "select": select},
         "resources": {"cpus_per_trial": 1, "workers_per_trial": workers},
         "deepspeed": deepspeed or {},
     })
@@ -157,11 +157,12 @@ def test_zero3_adapter_reloads_into_a_plain_model_nan_fails_and_asha_frees_the_w
     from peftlab.workers.tasks import task_kind
 
     # One trial at a time, in this order: a good one, run to the end; one whose loss overflows;
-    # one that cannot learn, which ASHA stops at its first evaluation. ASHA also stops the
-    # first at max_t, on its last result. A stopped trial whose workers' placement group
-    # stayed behind would hold 2 of the 4 CPUs, and the next trial would never start.
+    # one that cannot learn, which its first rung stops (all its ranks stop together). A stopped
+    # trial whose workers' placement group stayed behind would hold 2 of the 4 CPUs, and the
+    # next trial would never start.
+    # ZeRO-3 shards the weights `select: best` would keep, so these trials keep their last step.
     sweep("zero3", minilm_without_dropout, sentiment_csv, workers=2, deepspeed={"zero_stage": 3},
-          lr=[5.0e-3, 1.0e30, 1.0e-9], scheduler="asha")
+          lr=[5.0e-3, 1.0e30, 1.0e-9], scheduler="asha", select="last")
 
     store = ResultsStore(f"sqlite:///{peftlab_home / 'results.db'}")
     by_lr = {t.hparams["lr"]: t for t in store.trials("zero3")}

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from peftlab.workers.data import TextClassificationData, load_text_classification
+from peftlab.workers.data import SplitOptions, TextClassificationData, load_text_classification
 from peftlab.workers.methods import TaskInfo, all_methods, get_method
 from peftlab.workers.models import head_modules, load_classifier
 from peftlab.workers.tasks.text_classification import TextClassificationTask
@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def sst2(data_dir):
-    return load_text_classification("sst2", max_train_samples=64, max_eval_samples=16, data_dir=data_dir)
+    return load_text_classification("sst2", options=SplitOptions(max_train_samples=64, max_eval_samples=16),
+                                    data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_training_lowers_the_loss_on_minilm_and_sst2(name, sst2, minilm):
     assert any(p.requires_grad for p in model.parameters()), f"{name}: nothing left to train"
     # Training and measuring on the same 64 sentences.
     seen = TextClassificationData(sst2.train_texts, sst2.train_labels, sst2.train_texts, sst2.train_labels,
-                                  sst2.label_names)
+                                  sst2.train_texts, sst2.train_labels, sst2.label_names)
     task = TextClassificationTask(seen, tokenizer, max_length=TOKENS)
     device = torch.device("cpu")
     before = task.evaluate(model, 64, device)["loss"]

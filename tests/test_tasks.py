@@ -90,7 +90,7 @@ def test_causal_lm_trains_with_lora_on_conv1d_and_reports_exact_match(tiny_gpt2_
     assert result.metrics["perplexity"] == pytest.approx(torch.tensor(result.metrics["loss"]).exp().item(), rel=1e-5)
 
 
-def test_exact_match_counts_greedy_answers(tiny_gpt2_dir):
+def test_exact_match_counts_greedy_answers(tiny_gpt2_dir, tmp_path):
     """Train the answer in for one prompt: greedy decoding then reproduces it exactly."""
     model, tokenizer = load_causal_lm(str(tiny_gpt2_dir))
     from peftlab.workers.data import InstructionData
@@ -102,6 +102,17 @@ def test_exact_match_counts_greedy_answers(tiny_gpt2_dir):
         p.requires_grad_(True)
     train(model, task, _settings(40, 1e-2), seed=0, device=torch.device("cpu"), report=lambda r: None)
     assert task.evaluate(model, 8, torch.device("cpu"))["exact_match"] == 0.5  # "movie" right, "plot" not
+    # `peftlab predict` on a causal-LM task writes the same greedy answers, one row per prompt.
+    from peftlab.spec import TaskSpec, TrainingSpec
+    from peftlab.workers.tasks import task_kind
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "say the word"}\n{"prompt": "say the word"}\n')
+    kind = task_kind("causal-lm")
+    spec = TaskSpec(type="causal-lm", dataset="x.jsonl", max_new_tokens=2)
+    rows = kind.predict(model, tokenizer, data, spec, TrainingSpec(), kind.prediction_inputs(spec, prompts))
+    assert [(r["row"], r["prompt"], r["prediction"].strip()) for r in rows] == [
+        (1, "say the word", "movie"), (2, "say the word", "movie")]
 
 
 # -- retention of classifiers ------------------------------------------------------------------
@@ -127,6 +138,36 @@ def test_image_drift_is_zero_for_a_linear_probe_and_positive_for_lora(data_dir):
 
 
 # -- images ----------------------------------------------------------------------------------------
+
+def test_image_predictions_follow_the_model_and_bad_files_are_one_line(tmp_path, data_dir):
+    import numpy as np
+
+    from peftlab.errors import UserError
+    from peftlab.spec import TrainingSpec
+    from peftlab.workers.tasks import task_kind
+    from peftlab.workers.tasks.image_classification import to_model_input
+
+    spec = {"name": "t", "tasks": [{"type": "image-classification", "dataset": "breastmnist",
+                                    "max_train_samples": 32, "max_eval_samples": 16}], "methods": {"lora": {}}}
+    trial = _trial(spec, "linear_probe", {}, data_dir)
+    kind = task_kind("image-classification")
+    images = trial.task.data.test_images[:5, 0].numpy()
+    np.savez(tmp_path / "images.npz", images=images)
+    inputs = kind.prediction_inputs(None, tmp_path / "images.npz")
+    rows = kind.predict(trial.model, trial.task.fmt, trial.task.data, None, TrainingSpec(eval_batch_size=2), inputs)
+    with torch.no_grad():
+        trial.model.eval()
+        expected = trial.model(pixel_values=to_model_input(torch.from_numpy(images[:, None]), trial.task.fmt)).logits
+    names = trial.task.data.label_names
+    assert [r["prediction"] for r in rows] == [names[i] for i in expected.argmax(-1).tolist()]
+    assert [r["row"] for r in rows] == [1, 2, 3, 4, 5] and all(0.5 <= r["probability"] <= 1 for r in rows)
+    np.savez(tmp_path / "floats.npz", images=images.astype("float32"))
+    np.savez(tmp_path / "other.npz", pixels=images)
+    for name, message in (("floats.npz", "expected uint8"), ("other.npz", r"has no `images` array \(has: pixels\)"),
+                          ("images.csv", "reads a .npz file")):
+        with pytest.raises(UserError, match=message):
+            kind.prediction_inputs(None, tmp_path / name)
+
 
 def test_grey_images_are_resized_and_repeated():
     images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)

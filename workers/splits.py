@@ -28,15 +28,23 @@ class SplitIndices:
         return {split: len(getattr(self, split)) for split in SPLITS}
 
 
-def stratified_pick(labels: np.ndarray | None, rows: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_pick(labels: np.ndarray | None, rows: int, size: int, rng: np.random.Generator, *,
+                    keep_one: bool = False) -> np.ndarray:
     """Sorted positions of `size` of `rows` rows; with labels each class gives its proportional
-    share (largest remainder), without them a plain seeded sample."""
+    share (largest remainder), without them a plain seeded sample. `keep_one` leaves every class at
+    least one row outside the pick (a carve-out never takes a class's last training example)."""
     if labels is None:
         return np.sort(rng.permutation(rows)[:size])
     classes, counts = np.unique(labels, return_counts=True)
+    cap = counts - 1 if keep_one else counts
     exact = counts * size / len(labels)
-    shares = np.floor(exact).astype(int)
-    shares[np.argsort(-(exact - shares), kind="stable")[: size - shares.sum()]] += 1
+    shares = np.minimum(np.floor(exact).astype(int), cap)
+    left = size - int(shares.sum())
+    for c in np.argsort(-(exact - shares), kind="stable"):
+        if left == 0:
+            break
+        if shares[c] < cap[c]:
+            shares[c], left = shares[c] + 1, left - 1
     picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, shares)]
     return np.sort(np.concatenate(picked))
 
@@ -47,7 +55,7 @@ def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, what: s
     size = max(1, round(len(pool) * fraction))
     if size >= len(pool):
         raise UserError(f"dataset '{where}' has {len(pool)} training rows, too few to carve out a {what} split")
-    carved_at = stratified_pick(None if labels is None else labels[pool], len(pool), size, rng)
+    carved_at = stratified_pick(None if labels is None else labels[pool], len(pool), size, rng, keep_one=True)
     mask = np.ones(len(pool), dtype=bool)
     mask[carved_at] = False
     return pool[mask], pool[carved_at]

@@ -81,6 +81,24 @@ def token_loss(model: nn.Module, encoded: dict[str, torch.Tensor], batch_size: i
     return total, count
 
 
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tok, prompts: list[str], batch_size: int, max_new_tokens: int,
+                   device: torch.device) -> list[str]:
+    """Each prompt's greedy continuation of at most `max_new_tokens` tokens, decoded."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids_of = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        width = max(len(p) for p in ids_of)
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in ids_of], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids_of], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        answers += tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return answers
+
+
 class CausalLmTask(Task):
     """Instruction pairs; the loss is per response token, perplexity its exponential."""
 
@@ -120,23 +138,9 @@ class CausalLmTask(Task):
 
     def _exact_match(self, model: nn.Module, batch_size: int, device: torch.device, split: str) -> float:
         """Share of the split's prompts whose greedy answer equals the response (whitespace-stripped)."""
-        tok = self.tokenizer
-        prompts_of, responses = self.pairs[split]
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        hits = 0
-        for start in range(0, len(prompts_of), batch_size):
-            prompts = [bos + tok(p, add_special_tokens=False)["input_ids"]
-                       for p in prompts_of[start:start + batch_size]]
-            width = max(len(p) for p in prompts)
-            # Left padding: every prompt ends where generation starts.
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            answers = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-            gold = responses[start:start + batch_size]
-            hits += sum(a.strip() == g.strip() for a, g in zip(answers, gold, strict=True))
-        return hits / len(prompts_of)
+        prompts, responses = self.pairs[split]
+        answers = greedy_answers(model, self.tokenizer, prompts, batch_size, self.max_new_tokens, device)
+        return sum(a.strip() == g.strip() for a, g in zip(answers, responses, strict=True)) / len(prompts)
 
     def _reference_loss(self, model: nn.Module, device: torch.device) -> float:
         was_training = model.training
@@ -177,6 +181,20 @@ class CausalLmKind(TaskKind):
 
     def head_modules(self, model: nn.Module) -> tuple[str, ...]:
         return ()  # the LM head is the pretrained one (often tied to the embeddings): nothing new
+
+    def prediction_inputs(self, spec: TaskSpec, path: Path) -> list[str]:
+        from peftlab.workers.data import read_file_texts
+
+        return read_file_texts(path, spec.prompt_column)
+
+    def predict(self, model: nn.Module, processor, data: InstructionData, spec: TaskSpec, training: TrainingSpec,
+                inputs: list[str]) -> list[dict]:
+        """Each prompt's greedy answer (at most the task's `max_new_tokens`), in order."""
+        model.eval()
+        device = next(model.parameters()).device
+        answers = greedy_answers(model, processor, inputs, training.eval_batch_size, spec.max_new_tokens, device)
+        return [{"row": i + 1, spec.prompt_column: prompt, "prediction": answer}
+                for i, (prompt, answer) in enumerate(zip(inputs, answers, strict=True))]
 
     def build_task(self, data: InstructionData, processor, head: tuple[str, ...], spec: TaskSpec,
                    training: TrainingSpec, data_dir: Path | None) -> CausalLmTask:

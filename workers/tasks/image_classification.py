@@ -136,6 +136,39 @@ class ImageClassificationKind(TaskKind):
 
         return image_head_modules(model)
 
+    def prediction_inputs(self, spec: TaskSpec, path: Path) -> torch.Tensor:
+        """The images of a local .npz file: its `images` array, uint8, N x H x W (grey) or N x C x H x W."""
+        import numpy as np
+
+        if path.suffix.lower() != ".npz" or not path.is_file():
+            raise UserError(f"{path}: image prediction reads a .npz file with an `images` array")
+        try:
+            with np.load(path) as npz:
+                images = npz["images"] if "images" in npz.files else None
+                found = ", ".join(npz.files)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        if images is None:
+            raise UserError(f"{path} has no `images` array (has: {found or 'nothing'})")
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
+            raise UserError(f"{path}: `images` is {images.dtype} {images.shape}; expected uint8 N x H x W or N x C x H x W")
+        return torch.from_numpy(images[:, None] if images.ndim == 3 else images)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, processor: InputFormat, data: ImageClassificationData, spec: TaskSpec,
+                training: TrainingSpec, inputs: torch.Tensor) -> list[dict]:
+        """The label and its probability for each image, in order."""
+        model.eval()
+        device = next(model.parameters()).device
+        rows = []
+        for start in range(0, len(inputs), training.eval_batch_size):
+            chunk = to_model_input(inputs[start:start + training.eval_batch_size], processor)
+            probabilities = model(pixel_values=chunk.to(device)).logits.float().softmax(-1).cpu()
+            best, index = probabilities.max(-1)
+            rows += [{"row": start + i + 1, "prediction": data.label_names[k], "probability": round(float(p), 6)}
+                     for i, (k, p) in enumerate(zip(index.tolist(), best.tolist(), strict=True))]
+        return rows
+
     def build_task(self, data: ImageClassificationData, processor: InputFormat, head: tuple[str, ...],
                    spec: TaskSpec, training: TrainingSpec, data_dir: Path | None) -> ImageClassificationTask:
         return ImageClassificationTask(data, processor, head=head,
