@@ -58,9 +58,10 @@ def model_card(trial: TrialRecord, spec: dict, metric: str) -> str:
     budget = spec.get("budget")
     return f"""# {trial.method} adapter for {trial.model}
 
-Found by peftlab {metadata.version("peftlab")}: the best trial of method `{trial.method}` (by `{metric}`)
-in experiment `{trial.experiment}`, trial `{trial.trial_id}`, seed {trial.seed}, {trial.steps} steps
-({trial.status.value.lower()}).
+Found by peftlab {metadata.version("peftlab")}: the best trial of method `{trial.method}` (by `{metric}`,
+chosen on the validation split) in experiment `{trial.experiment}`, trial `{trial.trial_id}`, seed
+{trial.seed}, {trial.steps} steps ({trial.status.value.lower()}); this adapter is the checkpoint it
+kept, at step {trial.final_metrics.get("step", "-")}.
 
 - base model: `{trial.model}`
 - task: `{trial.task}` (dataset `{trial.dataset}`, domain `{trial.domain or '-'}`)
@@ -73,7 +74,7 @@ in experiment `{trial.experiment}`, trial `{trial.trial_id}`, seed {trial.seed},
 |---|---|
 {hparams}
 
-## Metrics at the end of training (evaluation split)
+## Metrics of this checkpoint (validation: what the search saw; test: held out, scored once)
 
 | metric | value |
 |---|---|
