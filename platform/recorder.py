@@ -18,6 +18,7 @@ from peftlab.store import FINISHED, ResultsStore, TrialRecord, TrialStatus, test
 from peftlab.tracking import Tracker
 from peftlab.workers.methods import get_method
 from peftlab.workers.report import Outcome, TrialReport
+from peftlab.workers.train import better
 from peftlab.workers.trial import adapter_path, hparams_of, seed_of
 
 COST_KEYS = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
@@ -83,8 +84,6 @@ class Recorder(Callback):
     def tracker(self) -> Tracker:
         return _CONNECTIONS[self.experiment][1]
 
-    def _better(self, new: float, old: float | None) -> bool:
-        return old is None or (new > old if self.plan.mode == "max" else new < old)
 
     def _board(self):
         import ray
@@ -160,7 +159,7 @@ class Recorder(Callback):
         if report.is_evaluation:
             scores = report.scores()
             value = scores.get(self.plan.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, record.best_metrics.get(self.plan.metric)):
+            if better(value, record.best_metrics.get(self.plan.metric), self.plan.mode):
                 record.best_metrics = {**scores, "step": report.step}
             record.steps = report.step  # steps trained as of its latest evaluation
             if report.is_final:
