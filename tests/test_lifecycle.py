@@ -134,7 +134,7 @@ def test_the_record_survives_a_tune_result_and_says_how_the_trial_ended(tiny_ber
         (2, False, None), (3, True, None), (4, False, None), (6, True, Outcome.COMPLETED)]
     last = records[-1]
     result = last.to_result()
-    assert result["step"] == 6 and result["validation/accuracy"] == last.metrics["accuracy"]
+    assert result["step"] == 6 and result["validation/accuracy"] == last.selected_metrics["accuracy"]
     again = TrialReport.from_result(result)
     assert again == last and isinstance(again.costs, Costs) and again.outcome is Outcome.COMPLETED
     assert again.costs.trainable_params == trial.static.trainable_params > 0
@@ -166,8 +166,11 @@ def test_select_best_restores_that_evaluation_then_tests_it_once(tiny_bert_dir, 
     test_now = trial.task.evaluate(trial.model, 64, trial.device, split="test")
     assert last.test_metrics == pytest.approx(test_now, abs=1e-6) and set(last.test_metrics) == {"loss", "accuracy",
                                                                                               "macro_f1"}
-    # The test metrics travel in the record and the curve once, never at the top of the Tune result.
+    # The test metrics travel in the record and the curve once, never at the top of the Tune result;
+    # there the search algorithm reads the kept checkpoint's validation value, not the last one's.
     assert not any(key.startswith("test/") for key in last.to_result())
+    assert last.to_result()["validation/loss"] == evaluations[worst]["loss"] != evaluations[30]["loss"]
+    assert last.curve()["validation/loss"] == evaluations[30]["loss"]  # the curve keeps its last point
     assert last.curve()["test/accuracy"] == last.test_metrics["accuracy"]
     assert sum("test/accuracy" in r.curve() for r in records) == 1
     assert last.selected() == {**{f"validation/{k}": v for k, v in evaluations[worst].items()},

@@ -146,3 +146,26 @@ def test_optuna_define_by_run_only_suggests_the_chosen_method():
         assert all(n == "method" or n.startswith(f"{method}/") for n in names), names
         study.tell(trial, random.random())
     assert seen == {"lora", "bitfit", "full"}
+
+
+def test_optuna_learns_the_kept_checkpoint_value_not_the_last_evaluation():
+    """A trial that kept an earlier, better checkpoint is told to TPE with that checkpoint's value:
+    the value of the configuration that is reported."""
+    from peftlab.search import build_search_alg
+    from peftlab.workers.report import Costs, Outcome, TrialReport
+
+    spec = parse_spec(with_(search__algorithm="optuna"))
+    task_plan = plan(spec)[0]
+    searcher = build_search_alg(spec, task_plan)
+    assert searcher.suggest("t1")["method"] in task_plan.spaces
+    costs = Costs(trainable_params=1, total_params=2)
+    middle = TrialReport(step=5, max_steps=10, costs=costs, metrics={"accuracy": 0.8, "loss": 0.4})
+    final = TrialReport(step=10, max_steps=10, costs=costs, metrics={"accuracy": 0.6, "loss": 0.7},
+                        outcome=Outcome.COMPLETED, selected_step=5, selected_metrics={"accuracy": 0.8, "loss": 0.4,
+                                                                                      "drift": 0.1},
+                        test_metrics={"accuracy": 0.75})
+    # Tune adds its own counters to every result.
+    searcher.on_trial_result("t1", {**middle.to_result(), "training_iteration": 1})
+    searcher.on_trial_complete("t1", result={**final.to_result(), "training_iteration": 2})
+    told = [t for t in searcher.searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.value for t in told] == [0.8]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,8 @@ class TextClassificationData:
     test_labels: list[int]
     label_names: list[str]
     sizes: dict[str, int] | None = None
+    label_variants: dict[str, list[str]] = field(default_factory=dict)
+    """Class name -> the spellings read as it because they differ only by surrounding space."""
 
     @property
     def num_labels(self) -> int:
@@ -225,6 +227,7 @@ def load_text_classification(
     texts = _texts(whole[text_column], text_column, dataset)
     labels, label_names = _encode_labels(whole[label_column], label_column, names, dataset)
     _check_unseen_labels(frames, labels, label_names, dataset)
+    variants = _space_variants(whole[label_column])
     split = _indices(frames, dataset, options, labels)
     return TextClassificationData(
         train_texts=[texts[i] for i in split.train],
@@ -235,7 +238,19 @@ def load_text_classification(
         test_labels=[labels[i] for i in split.test],
         label_names=label_names,
         sizes=split.sizes(),
+        label_variants=variants,
     )
+
+
+def _space_variants(values: pd.Series) -> dict[str, list[str]]:
+    """String labels that become one class once their surrounding space is stripped."""
+    if not pd.api.types.is_string_dtype(values):
+        return {}
+    groups: dict[str, set[str]] = {}
+    for raw in values.dropna().unique():
+        if isinstance(raw, str):
+            groups.setdefault(raw.strip(), set()).add(raw)
+    return {name: sorted(raw) for name, raw in groups.items() if len(raw) > 1}
 
 
 def _check_unseen_labels(frames: list[pd.DataFrame | None], labels: list[int], label_names: list[str],

@@ -27,7 +27,8 @@ def _labels(data: Any, split: str) -> list[int] | None:
 
 def summarize(task: str, data: Any) -> tuple[list[SplitSummary], list[str]]:
     """Each split's size and class counts, and one line per label problem: a class with fewer than
-    two training examples, a label seen only outside training, names that differ only by case."""
+    two training examples, a label seen only outside training, names that differ only by case or
+    by surrounding space."""
     names = getattr(data, "label_names", None)
     summaries, warnings = [], []
     counts: dict[str, Counter] = {}
@@ -55,4 +56,7 @@ def summarize(task: str, data: Any) -> tuple[list[SplitSummary], list[str]]:
     for group in folded.values():
         if len(group) > 1:
             warnings.append(f"{task}: labels {', '.join(map(repr, group))} differ only by case: one class or several?")
+    for name, spellings in getattr(data, "label_variants", {}).items():
+        warnings.append(f"{task}: labels {', '.join(map(repr, spellings))} differ only by surrounding space "
+                        f"and are read as one class {name!r}")
     return summaries, warnings

@@ -100,10 +100,15 @@ class TrialReport:
         return points
 
     def to_result(self) -> dict[str, Any]:
-        """The Ray Tune result: `step` and the scores where schedulers look, the record beside them."""
+        """The Ray Tune result: `step` and the scores where search algorithms look, the record beside
+        them. The last report's scores are the kept checkpoint's, so Optuna learns the value of the
+        configuration that is reported, not of its last evaluation."""
         record = asdict(self)
         record["outcome"] = self.outcome.value if self.outcome else None
-        return {"step": self.step, **self.scores(), RECORD_KEY: record}
+        scores = self.scores()
+        if self.is_final and self.selected_metrics:
+            scores = {f"{VALIDATION}{k}": v for k, v in self.selected_metrics.items() if k not in RETENTION}
+        return {"step": self.step, **scores, RECORD_KEY: record}
 
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> TrialReport | None:
