@@ -18,7 +18,15 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def registered(name: str) -> Method | None:
+    return _METHODS.get(name)
+
+
 def get_method(name: str) -> Method:
+    from .plugins import FAILED
+
+    if name in FAILED:
+        raise UserError(FAILED[name])
     try:
         return _METHODS[name]
     except KeyError:
