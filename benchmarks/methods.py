@@ -25,13 +25,13 @@ def measure(method_name: str, steps: int, warmup: int, threads: int) -> dict:
     from transformers import AutoTokenizer
 
     from peftlab import settings
-    from peftlab.workers.data import load_text_classification
+    from peftlab.workers.data import SplitOptions, load_text_classification
     from peftlab.workers.methods import TaskInfo, get_method
     from peftlab.workers.models import head_modules, load_classifier, meta_classifier, resolve_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = load_text_classification("sst2", max_train_samples=BATCH, data_dir=settings.data_dir())
+    data = load_text_classification("sst2", options=SplitOptions(max_train_samples=BATCH), data_dir=settings.data_dir())
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     batch = tokenizer(data.train_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     batch["labels"] = torch.tensor(data.train_labels)

@@ -303,9 +303,19 @@ def _seed_tables(url: str | None, name: str, spec: dict):
 
 @app.command()
 @user_errors
-def methods(format: Annotated[Format, typer.Option("--format", help="table, csv, json or markdown.")] = Format.table) -> None:
+def methods(
+    format: Annotated[Format, typer.Option("--format", help="table, csv, json or markdown.")] = Format.table,
+    matrix: Annotated[bool, typer.Option(
+        "--matrix", help="Which method applies to which task type and architecture, and why not.")] = False,
+) -> None:
     """Registered PEFT methods: hyperparameters with defaults, parameter formula, mergeability."""
-    from peftlab.workers.methods import all_methods
+    from peftlab.workers.methods import FAILED_PLUGINS, all_methods
+
+    for reason in FAILED_PLUGINS.values():
+        err_console.print(f"warning: {reason}", markup=False, highlight=False)
+    if matrix:
+        _method_matrix(format)
+        return
 
     described = [
         {
@@ -333,6 +343,43 @@ def methods(format: Annotated[Format, typer.Option("--format", help="table, csv,
         hps = ", ".join(f"{k}={v['default']}" for k, v in m["hyperparameters"].items())
         table.add_row(m["name"], m["summary"], hps, m["formula"], "yes" if m["mergeable"] else "no")
     console.print(table)
+
+
+def _method_matrix(format: Format) -> None:
+    """`peftlab methods --matrix`: each method's applicability check on small meta-device models."""
+    from peftlab.workers.method_matrix import general, matrix
+
+    columns, cells = matrix()
+    labels = [c.label for c in columns]
+    if format is Format.json:
+        sys.stdout.write(json.dumps(cells, indent=2) + "\n")
+        return
+    if format is Format.csv:
+        sys.stdout.write(_csv([{"method": m, "task": label, "applies": not problems, "reason": "; ".join(problems)}
+                               for m, row in cells.items() for label, problems in row.items()], empty=["method"]))
+        return
+    reasons: dict[str, int] = {}
+
+    def cell(method: str, problems: list[str]) -> str:
+        if not problems:
+            return "yes"
+        return f"no [{reasons.setdefault(general(problems[0], method), len(reasons) + 1)}]"
+
+    rows = [[m, *(cell(m, row[label]) for label in labels)] for m, row in cells.items()]
+    notes = [f"[{n}] {reason}" for reason, n in reasons.items()]
+    if format is Format.markdown:
+        lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        sys.stdout.write("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+        return
+    table = Table(title="Methods x task types (with each method's defaults)", title_justify="left")
+    for column in ("method", *labels):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
 
 
 def methods_markdown(described: list[dict]) -> str:

@@ -378,7 +378,7 @@ def _pydantic_problems(error: ValidationError) -> list[str]:
 
 def method_spaces(spec: ExperimentSpec | dict) -> tuple[dict[str, MethodSpace], list[str]]:
     """Parse every method's block (of a spec or a raw `methods` mapping) against the registry."""
-    from peftlab.workers.methods import all_methods
+    from peftlab.workers.methods import FAILED_PLUGINS, all_methods
 
     registry = all_methods()
     owners: dict[str, list[str]] = {}
@@ -390,6 +390,9 @@ def method_spaces(spec: ExperimentSpec | dict) -> tuple[dict[str, MethodSpace], 
     spaces, problems = {}, []
     for name, block in methods.items():
         where = f"methods.{name}"
+        if name in FAILED_PLUGINS:
+            problems.append(f"{where}: {FAILED_PLUGINS[name]}")
+            continue
         if name not in registry:
             problems.append(f"{where}: unknown method '{name}' (known: {', '.join(sorted(registry))})")
             continue

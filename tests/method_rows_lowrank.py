@@ -45,7 +45,9 @@ ROWS = [
         "spectral_add", {"r": 5, "target_modules": ["key", "dense"]},
         per_layer(spectral_add(5), ("key", "dense")), owned("spectral_"), id="spectral_add-key-dense",
     ),
-    Case("spectral_rot", {"r": 4}, per_layer(spectral_rot(4, False), QV), owned("spectral_")),
+    Case("spectral_rot", {"r": 4}, per_layer(spectral_rot(4, True), QV), owned("spectral_")),
+    Case("spectral_rot", {"r": 4, "scale": False}, per_layer(spectral_rot(4, False), QV), owned("spectral_"),
+         id="spectral_rot-no-scale"),
     Case(
         "spectral_rot", {"r": 3, "scale": True, "target_modules": "all-linear"},
         per_layer(spectral_rot(3, True), None), owned("spectral_"), id="spectral_rot-scale-all-linear",

@@ -8,7 +8,8 @@ from typing import Callable
 from peft import MissConfig
 from torch import nn
 
-from method_table import Case, head, linears, peft_owned
+from method_table import Case, head, in_any_head, linears, peft_owned
+from tiny_models import ALL_CONFIGS
 
 
 def per_target(names: tuple[str, ...] | None, formula: Callable[[int, int], int]) -> Callable[[nn.Module], int]:
@@ -23,7 +24,13 @@ def per_layer(formula: Callable[[int], int]) -> Callable[[nn.Module], int]:
 
 
 def owned(*markers: str) -> Callable[[str], bool]:
-    return lambda n: n.startswith("classifier.") or any(k in n for k in markers)
+    return lambda n: in_any_head(n) or any(k in n for k in markers)
+
+
+def norm_params(m: nn.Module) -> int:
+    """Every LayerNorm / RMSNorm's parameters outside the head (embeddings', blocks', final)."""
+    return sum(p.numel() for n, mod in m.named_modules() if not in_any_head(n)
+               and (isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith("RMSNorm")) for p in mod.parameters())
 
 
 QV = ("query", "value")
@@ -31,8 +38,11 @@ QKV = ("query", "key", "value")
 
 
 def houlsby_owns(n: str) -> bool:
-    """The adapters, the encoder layers' LayerNorms (not the embeddings'), the head."""
-    return owned(".adapter.")(n) or (".layer." in n and ".LayerNorm." in n)
+    """The adapters, every LayerNorm / RMSNorm, the head."""
+    return owned(".adapter.", "LayerNorm.", "layernorm", "layer_norm", ".ln_", "norm.")(n)
+
+
+EVERY_ARCHITECTURE = tuple(ALL_CONFIGS)
 
 
 ROWS = [
@@ -75,11 +85,13 @@ ROWS = [
         id="bone_simple-ffn",
     ),
     # Houlsby: two adapters (2 m d + m + d) and two LayerNorms (2 d each) per layer.
-    Case("houlsby", {"bottleneck": 4}, per_layer(lambda d: 2 * (2 * 4 * d + 4 + d) + 2 * 2 * d), houlsby_owns),
+    Case("houlsby", {"bottleneck": 4}, lambda m: per_layer(lambda d: 2 * (2 * 4 * d + 4 + d))(m) + norm_params(m),
+         houlsby_owns, shapes=EVERY_ARCHITECTURE),
     Case("houlsby", {"bottleneck": 3, "placement": "ffn", "activation": "swish"},
-         per_layer(lambda d: (2 * 3 * d + 3 + d) + 2 * 2 * d), houlsby_owns, id="houlsby-ffn"),
+         lambda m: per_layer(lambda d: 2 * 3 * d + 3 + d)(m) + norm_params(m), houlsby_owns, id="houlsby-ffn"),
     # AdaptFormer: one parallel adapter per layer.
-    Case("adaptformer", {"bottleneck": 4}, per_layer(lambda d: 2 * d * 4 + 4 + d), owned(".adapter.")),
-    Case("adaptformer", {"bottleneck": 5, "scale": 1.0}, per_layer(lambda d: 2 * d * 5 + 5 + d), owned(".adapter."),
-         id="adaptformer-scale-1"),
+    Case("adaptformer", {"bottleneck": 4}, per_layer(lambda d: 2 * d * 4 + 4 + d), owned(".adapter."),
+         shapes=EVERY_ARCHITECTURE),
+    Case("adaptformer", {"bottleneck": 5, "scale": 1.0, "dropout": 0.0}, per_layer(lambda d: 2 * d * 5 + 5 + d),
+         owned(".adapter."), id="adaptformer-scale-1"),
 ]

@@ -7,20 +7,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from torch import nn
+from typing import NamedTuple
 
-from tiny_models import CONFIGS
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tiny_models import CONFIGS, HEADS, head_names
+
+HEAD_PREFIXES = tuple({h for names in HEADS.values() for h in names} | {"classifier"})
 
 
 def head(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.classifier.parameters())
+    return sum(p.numel() for h in head_names(model.config) for p in model.get_submodule(h).parameters())
 
 
-def linears(model: nn.Module, keep: Callable[[str], bool]) -> list[nn.Linear]:
-    return [
-        m for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and keep(n) and not n.startswith("classifier")
-    ]
+def in_any_head(name: str) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in HEAD_PREFIXES)
+
+
+class Dims(NamedTuple):
+    in_features: int
+    out_features: int
+
+
+def linears(model: nn.Module, keep: Callable[[str], bool]) -> list[Dims]:
+    """The shapes of the linear layers outside the head whose names `keep` accepts (GPT-2's Conv1D,
+    which stores its weight d_in x d_out, included)."""
+    found = []
+    for n, m in model.named_modules():
+        if in_any_head(n) or not keep(n):
+            continue
+        if isinstance(m, nn.Linear):
+            found.append(Dims(m.in_features, m.out_features))
+        elif isinstance(m, Conv1D):
+            found.append(Dims(*m.weight.shape))
+    return found
 
 
 @dataclass

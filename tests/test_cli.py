@@ -281,14 +281,16 @@ def test_validate_prints_each_split_and_strict_refuses_data_warnings(tmp_path, p
     cells = [[c.strip() for c in line.split("│")] for line in result.stdout.splitlines() if line.count("│") >= 5]
     rows = {c[2]: c[3] for c in cells if c[2] in ("train", "validation", "test")}
     assert rows == {"train": "324", "validation": "36", "test": "40"}
-    # A class with one training example and labels that differ only by case: warnings, refusals with --strict.
+    # A class with one training example, labels that differ only by case or by surrounding space:
+    # warnings, refusals with --strict.
     odd = write_csv(tmp_path / "odd.csv", "text,label", [f"text {i},{['pos', 'neg'][i % 2]}" for i in range(40)]
-                    + ["a rare one,rare", "shouting,POS"])
+                    + ["a rare one,rare", "shouting,POS", "spaced,neg  "])
     spec["tasks"][0].update(dataset=str(odd), test_fraction=0.05, validation_fraction=0.05)
     spec_path.write_text(yaml.safe_dump(spec))
     lenient = runner.invoke(app, ["validate", str(spec_path)])
     assert lenient.exit_code == 0, lenient.output
     assert "fewer than two training examples" in lenient.stdout and "differ only by case" in lenient.stdout
+    assert "'neg', 'neg  ' differ only by surrounding space and are read as one class 'neg'" in lenient.stdout
     strict = runner.invoke(app, ["validate", str(spec_path), "--strict"])
     assert strict.exit_code == 2 and "data warning(s) and --strict" in strict.stderr
 
@@ -315,6 +317,23 @@ def test_methods_lists_registry_with_formulas():
     assert listed.exit_code == 0, listed.output
     rows = {r["name"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}
     assert rows.keys() == methods.keys() and "r=8" in rows["lora"]["hyperparameters"]
+
+
+def test_methods_matrix_says_where_each_method_applies_and_why_not():
+    result = runner.invoke(app, ["methods", "--matrix", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    cells = json.loads(result.stdout)
+    assert set(cells) == {m["name"] for m in json.loads(runner.invoke(app, ["methods", "--format", "json"]).stdout)}
+    columns = set(cells["lora"])
+    assert {"causal-lm (Llama)", "image-classification (ViT)", "image-classification (CIFAR ResNet)"} <= columns
+    assert all(not problems for problems in cells["lora"].values())  # LoRA: every architecture
+    for method in ("houlsby", "adaptformer", "ether", "bora", "spectral_add", "spectral_rot", "ether_plus"):
+        applies = {label for label, problems in cells[method].items() if not problems}
+        assert applies == columns - {"image-classification (CIFAR ResNet)"}, method
+    assert "architecture table has no entry" in cells["houlsby"]["image-classification (CIFAR ResNet)"][0]
+    assert "not 'causal-lm'" in cells["linear_probe"]["causal-lm (GPT-2)"][0]
+    table = runner.invoke(app, ["methods", "--matrix"])
+    assert table.exit_code == 0 and "no [1]" in table.stdout and "[1] " in table.stdout
 
 
 def test_results_without_a_store(peftlab_home):

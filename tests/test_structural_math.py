@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftlab.workers.methods import TaskInfo, get_method
-from peftlab.workers.methods.adapters import Bottleneck, ParallelFFNOutput, SerialAdapter
+from peftlab.workers.methods.adapters import Bottleneck
 from peftlab.workers.methods.ether import EtherLinear, EtherPlusLinear
-from tiny_models import CONFIGS, build, build_meta, task_for
+from tiny_models import ALL_CONFIGS, CONFIGS, build, build_meta, task_for
 
 
 def householder(u: torch.Tensor) -> torch.Tensor:
@@ -164,11 +164,14 @@ def test_bone_size_for_budget_picks_a_fitting_block_size():
 
 # -- adapters -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("d, m", [(32, 4), (24, 64), (384, 64)])
-def test_bottleneck_has_2md_plus_m_plus_d_parameters_and_outputs_zero_at_init(d, m):
-    adapter = Bottleneck(d, m, "relu", torch.empty(1), down_std=1e-2)
-    assert sum(p.numel() for p in adapter.parameters()) == Bottleneck.count(d, m) == 2 * m * d + m + d
-    assert torch.equal(adapter(torch.randn(2, d)), torch.zeros(2, d))
-    assert adapter.down.weight.abs().max() <= 2e-2 and adapter.down.weight.std() > 0
+def test_bottleneck_sizes_and_its_two_inits(d, m):
+    houlsby = Bottleneck(d, m, "gelu", torch.empty(1), init_std=1e-3)
+    assert sum(p.numel() for p in houlsby.parameters()) == Bottleneck.count(d, m) == 2 * m * d + m + d
+    for weight in (houlsby.down.weight, houlsby.up.weight):  # adapter-bert: truncated normal, std 1e-3, both
+        assert weight.abs().max() <= 2e-3 and 0.5e-3 < weight.std() < 1e-3
+    assert not houlsby.down.bias.any() and not houlsby.up.bias.any()
+    parallel = Bottleneck(d, m, "relu", torch.empty(1), init_std=None, dropout=0.1)
+    assert torch.equal(parallel(torch.randn(2, d)), torch.zeros(2, d)) and parallel.down.weight.std() > 0
 
 
 def _trained(model: nn.Module) -> None:
@@ -178,19 +181,34 @@ def _trained(model: nn.Module) -> None:
                 p.normal_(std=0.1)
 
 
-def test_houlsby_wraps_both_output_projections_as_h_plus_adapter_h():
+def _bottleneck(a: Bottleneck, h: torch.Tensor, act=lambda x: F.gelu(x, approximate="tanh")) -> torch.Tensor:
+    return a.up(act(a.down(h)))
+
+
+def test_houlsby_on_bert_is_dense_dropout_adapter_then_layernorm():
+    """adapter-bert's placement: LayerNorm(h + adapter(h) + residual), h = dropout(dense(x))."""
     config = CONFIGS["bert"]()
     model = get_method("houlsby").apply(build(config), {"bottleneck": 4}, task_for(config))
     layer = model.bert.encoder.layer[0]
     _trained(model)
     for block in (layer.attention.output, layer.output):
-        assert isinstance(block.dense, SerialAdapter)
-        a = block.dense.adapter
-        x = torch.randn(2, block.dense.base.in_features)
-        h = block.dense.base(x)
-        torch.testing.assert_close(block.dense(x), h + a.up(F.gelu(a.down(h))))
-        assert block.LayerNorm.weight.requires_grad
-    assert not model.bert.embeddings.LayerNorm.weight.requires_grad
+        a = block.dropout.adapter
+        x, residual = torch.randn(2, 5, block.dense.in_features), torch.randn(2, 5, 32)
+        h = block.dense(x)
+        torch.testing.assert_close(block(x, residual), block.LayerNorm(h + _bottleneck(a, h) + residual))
+    assert model.bert.embeddings.LayerNorm.weight.requires_grad  # adapter-bert trains every LayerNorm
+
+
+def test_houlsby_on_a_llama_block_adapts_both_sub_layer_outputs_before_the_residual():
+    config = ALL_CONFIGS["llama"]()
+    model = get_method("houlsby").apply(build(config), {"bottleneck": 4}, task_for(config))
+    layer = model.model.layers[0]
+    _trained(model)
+    mlp, x = layer.mlp, torch.randn(2, 5, 32)
+    h = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), h + _bottleneck(mlp.adapter, h))
+    assert isinstance(layer.self_attn.adapter, Bottleneck)
+    assert layer.input_layernorm.weight.requires_grad and model.model.norm.weight.requires_grad
 
 
 def test_adaptformer_adds_a_scaled_parallel_branch_to_the_ffn():
@@ -198,16 +216,28 @@ def test_adaptformer_adds_a_scaled_parallel_branch_to_the_ffn():
     model = get_method("adaptformer").apply(build(config), {"bottleneck": 4, "scale": 0.5}, task_for(config))
     layer = model.roberta.encoder.layer[0].eval()
     _trained(model)
-    out = layer.output
-    assert isinstance(out, ParallelFFNOutput)
-    h = torch.randn(2, 5, 24)  # the FFN input (attention output)
-    a = out.adapter
-    ffn = out.dense(layer.intermediate(h))
-    expected = out.LayerNorm(ffn + 0.5 * a.up(F.relu(a.down(h))) + h)
+    h = torch.randn(2, 5, 24)  # the FFN input (the normalised attention output)
+    a = layer.output.dropout.adapter
+    ffn = layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h)))
+    expected = layer.output.LayerNorm(ffn + 0.5 * _bottleneck(a, h, F.relu) + h)
     torch.testing.assert_close(layer.feed_forward_chunk(h), expected)
 
 
-def test_adapters_need_bert_style_layers():
+def test_adaptformer_on_a_vit_reads_the_stream_before_the_norm():
+    """Pre-LN, as in the reference: x + MLP(LN(x)) + s * adapter(x); the branch's dropout acts in training."""
+    config = ALL_CONFIGS["vit"]()
+    model = get_method("adaptformer").apply(build(config), {"bottleneck": 4}, task_for(config))
+    layer = model.vit.layers[0].eval()
+    _trained(model)
+    x, mlp = torch.randn(2, 5, 32), layer.mlp
+    a = mlp.adapter
+    plain = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x))))
+    torch.testing.assert_close(mlp(layer.layernorm_after(x)), plain + 0.1 * _bottleneck(a, x, F.relu))
+    a.train()
+    assert not torch.allclose(a(x), a(x))  # dropout 0.1 inside the branch
+
+
+def test_adapters_need_an_architecture_in_the_table():
     class NotBert(nn.Module):
         def __init__(self):
             super().__init__()
@@ -216,5 +246,5 @@ def test_adapters_need_bert_style_layers():
     task = TaskInfo("text-classification", 2, ("classifier",))
     for name in ("houlsby", "adaptformer"):
         problems = get_method(name).check_applicable(NotBert(), {}, task)
-        assert len(problems) == 1 and "needs BERT-style post-LayerNorm encoder layers" in problems[0]
-        assert "none found in NotBert" in problems[0]
+        assert len(problems) == 1 and "the architecture table has no entry for NotBert" in problems[0]
+        assert "gpt2" in problems[0] and "lora" in problems[0]

@@ -219,12 +219,14 @@ def test_methods_for_transformers_only_are_rejected_for_a_cnn(tmp_path, data_dir
     monkeypatch.setenv("PEFTLAB_DATA_DIR", str(data_dir))
     path = tmp_path / "spec.yaml"
     path.write_text("name: t\ntasks: [{type: image-classification, dataset: breastmnist}]\n"
-                    "methods: {ia3: {}, lora: {}}\n")
+                    "methods: {ia3: {}, houlsby: {}, lora: {}}\n")
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "methods.ia3: method ia3 supports tasks ['text-classification'], " \
-        "not 'image-classification'" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "methods.ia3: method ia3 has no default target_modules for LogitsClassifier" in lines[0]
+    assert "methods.houlsby: method houlsby inserts adapters into transformer blocks" in lines[0]
+    assert "methods.lora" not in lines[0]  # LoRA takes the ResNet's own default targets, its convs
 
 
 def test_a_hugging_face_image_classifier_built_from_a_config(tmp_path, data_dir):

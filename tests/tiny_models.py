@@ -1,9 +1,11 @@
-"""Tiny random-weight transformers built from configs, for fast offline tests of methods and loops.
-The same config and seed always give the same weights, so a test can rebuild an identical base."""
+"""Tiny random-weight transformers built from configs, for fast offline tests of methods and loops:
+BERT-style encoders, a ViT, GPT-2 and a Llama-style decoder, each as a classifier. The same config and
+seed always give the same weights, so a test can rebuild an identical base."""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, PretrainedConfig, RobertaConfig
+from transformers import (AutoModelForImageClassification, AutoModelForSequenceClassification, BertConfig,
+                          GPT2Config, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig)
 
 from peftlab.workers.methods import TaskInfo
 
@@ -26,35 +28,75 @@ def tiny_roberta_config(**overrides) -> RobertaConfig:
     return RobertaConfig(**{**kw, **overrides})
 
 
+def tiny_vit_config(**overrides) -> ViTConfig:
+    """2 layers, hidden 32, MLP 37, 8x8 RGB images in 4x4 patches (4 patches and CLS), 3 labels."""
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=8,
+              patch_size=4, num_channels=3, num_labels=3)
+    return ViTConfig(**{**kw, **overrides})
+
+
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    """2 blocks, width 32 (Conv1D layers, MLP 128), 3 labels read at the last real token."""
+    kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32, num_labels=3, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+    return GPT2Config(**{**kw, **overrides})
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """2 blocks, width 32, 4 heads over 2 key/value heads, gated MLP 37 (RMSNorm, rotary), 3 labels."""
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=37, vocab_size=100, num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**{**kw, **overrides})
+
+
 CONFIGS = {"bert": tiny_bert_config, "roberta": tiny_roberta_config}
+"""The shapes every contract row runs on."""
+ARCHITECTURE_CONFIGS = {"vit": tiny_vit_config, "gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
+"""The other architectures, for the rows of methods made for them."""
+ALL_CONFIGS = {**CONFIGS, **ARCHITECTURE_CONFIGS}
+HEADS = {"gpt2": ("score",), "llama": ("score",)}
+
+
+def _auto(config: PretrainedConfig):
+    return AutoModelForImageClassification if config.model_type == "vit" else AutoModelForSequenceClassification
 
 
 def build(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
-    """A sequence classifier with random weights, in eval mode (no dropout)."""
+    """A classifier with random weights, in eval mode (no dropout)."""
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config).eval()
+    return _auto(config).from_config(config).eval()
 
 
 def build_meta(config: PretrainedConfig) -> torch.nn.Module:
     """The same architecture on torch's meta device: shapes and names, no weights."""
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return _auto(config).from_config(config)
+
+
+def head_names(config: PretrainedConfig) -> tuple[str, ...]:
+    return HEADS.get(config.model_type, ("classifier",))
 
 
 def task_for(config: PretrainedConfig) -> TaskInfo:
-    return TaskInfo("text-classification", config.num_labels, ("classifier",))
+    kind = "image-classification" if config.model_type == "vit" else "text-classification"
+    return TaskInfo(kind, config.num_labels, head_names(config))
 
 
 def batch(config: PretrainedConfig, size: int = 3, seq_len: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask (the last row padded), token_type_ids (two segments where the model
-    has them) and labels."""
+    has them) and labels; for a ViT, pixel_values and labels."""
     g = torch.Generator().manual_seed(seed)
+    if config.model_type == "vit":
+        pixels = torch.randn(size, config.num_channels, config.image_size, config.image_size, generator=g)
+        return dict(pixel_values=pixels, labels=torch.randint(0, config.num_labels, (size,), generator=g))
     input_ids = torch.randint(3, config.vocab_size, (size, seq_len), generator=g)
     attention_mask = torch.ones(size, seq_len, dtype=torch.long)
     attention_mask[-1, seq_len // 2 :] = 0
     input_ids[attention_mask == 0] = config.pad_token_id
     token_type_ids = torch.zeros(size, seq_len, dtype=torch.long)
-    if config.type_vocab_size > 1:
+    if getattr(config, "type_vocab_size", 1) > 1:
         token_type_ids[:, seq_len // 2 :] = 1
     labels = torch.randint(0, config.num_labels, (size,), generator=g)
+    if config.model_type in ("gpt2", "llama"):
+        return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)

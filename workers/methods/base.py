@@ -20,6 +20,7 @@ NORM_STATISTICS = "peftlab_norm_statistics.safetensors"
 """Batch norms' running statistics, which move in training even where the norm itself is frozen,
 so a reloaded adapter scores as its trial did; absent for models without batch norm."""
 SIZE_SCAN_LIMIT = 4096  # sizes tried when the budget's size does not fit the model
+TASK_TYPES = ("text-classification", "image-classification", "causal-lm")
 CLASSIFICATION = ("text-classification", "image-classification")
 """Task types that add a new head (a causal LM keeps its pretrained one)."""
 _KINDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list of names"}
@@ -89,6 +90,34 @@ class TaskInfo:
     Empty for causal-lm, whose LM head is pretrained."""
 
 
+TARGET_MODULES = HParam(
+    "target_modules", list, None,
+    "layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded); default: the "
+    "architecture's query and value projections (query/value for BERT, q_proj/v_proj for ViT and Llama-style "
+    "decoders, c_attn for GPT-2)",
+    choices=("all-linear",),
+)
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | str | None) -> list[str] | str | None:
+    """The spec's targets, or the architecture's defaults where it names none (None: no default known)."""
+    from peftlab.workers.architectures import default_targets
+
+    if targets is None:
+        return default_targets(model)
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def not_found(target: str, model: nn.Module, candidates: list[str], kinds: str = "linear") -> str:
+    """One line for a target name that matches no module: the nearest names first, then all of them."""
+    import difflib
+
+    close = difflib.get_close_matches(target.rsplit(".", 1)[-1], candidates, n=3, cutoff=0.5)
+    hint = f"; nearest: {', '.join(close)}" if close else ""
+    return (f"target module '{target}' not found in {type(model).__name__} (outside the head){hint}; "
+            f"its {kinds} layers are named: {', '.join(candidates) or '(none)'}")
+
+
 OPTIMIZER_HPARAMS: tuple[HParam, ...] = (
     HParam("lr", float, 1e-3, "AdamW learning rate (each method sets its own default)", low=0.0, open_low=True),
     HParam("weight_decay", float, 0.0, "AdamW weight decay", low=0.0),
@@ -135,10 +164,14 @@ class Method(ABC):
     """Trainable parameters, human-readable, e.g. "r*(d_in+d_out) per target layer + head"."""
     mergeable: ClassVar[bool]
     identity_at_init: ClassVar[bool]
+    near_identity_at_init: ClassVar[bool] = False
+    """Not exactly the frozen model at init but within 1e-3 of it (Houlsby's tiny random weights)."""
     default_lr: ClassVar[float]
     hparams: ClassVar[tuple[HParam, ...]] = ()
     """Method-specific only; all_hparams() adds OPTIMIZER_HPARAMS."""
-    task_types: ClassVar[tuple[str, ...]] = ("text-classification",)
+    task_types: ClassVar[tuple[str, ...]] = TASK_TYPES
+    """Where the method means something; whether it fits a model is the architecture's question
+    (`_problems`: targets, blocks, layer kinds)."""
     quantizable: ClassVar[bool] = False
     """Trains on a k-bit quantized frozen base (QLoRA): its adapters wrap bitsandbytes layers."""
 

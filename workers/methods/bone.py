@@ -7,7 +7,7 @@ from typing import ClassVar
 from peft import MissConfig
 from torch import nn
 
-from .base import HParam, TaskInfo
+from .base import TARGET_MODULES, HParam, TaskInfo, resolve_targets
 from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
 
@@ -23,15 +23,11 @@ class _Miss(PeftMethod):
     formula = "block_size*d_out per target layer + head"
     hparams = (
         HParam("block_size", int, 64, "block size b (peft's r)", low=1, size=True),
-        HParam(
-            "target_modules", list, ["query", "value"],
-            "linear layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded)",
-            choices=("all-linear",),
-        ),
+        TARGET_MODULES,
     )
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> MissConfig:
-        targets = hp["target_modules"]
+        targets = resolve_targets(model, hp["target_modules"]) or []
         return MissConfig(
             task_type=peft_task_type(task),
             r=hp["block_size"],

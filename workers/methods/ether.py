@@ -2,6 +2,8 @@
 W' = W blockdiag(H_1..H_n), applied to x block by block, so no d_in x d_in matrix is ever built."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -36,18 +38,26 @@ def block_transform(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = N
     return (xb + update).flatten(-2)
 
 
+def initial_vectors(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """n vectors of length k, kaiming-uniform as in mwbini/ether: U(-1/sqrt(k), 1/sqrt(k)), norm about
+    0.58. Only their directions enter H, but Adam turns a vector by about lr * sqrt(k) / ||u|| per step,
+    so a standard normal start (norm sqrt(k)) would move it sqrt(3k) times more slowly."""
+    u = torch.empty(n, k, device=like.device, dtype=like.dtype)
+    nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+    return u
+
+
 class EtherLinear(AdaptedLinear):
     """ETHER: y = W blockdiag(H_1..H_n) x + b, H_i = I - 2 u_i u_i^T/(u_i^T u_i).
 
     A reflection is never the identity (||H_i - I||_F = 2 for any u_i), so the adapted model differs
-    from the frozen one at step 0; u_i starts as a standard normal vector (torch's RNG).
+    from the frozen one at step 0; u_i starts kaiming-uniform (initial_vectors).
     """
 
     def __init__(self, base: nn.Linear, hp: dict) -> None:
         super().__init__(base, hp)
         n = hp["n_blocks"]
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.ether_u = nn.Parameter(torch.randn(n, base.in_features // n, **kw))
+        self.ether_u = nn.Parameter(initial_vectors(n, base.in_features // n, base.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Reflecting x costs O(tokens * d_in); materialising W' would cost O(d_out * d_in) per step.
@@ -68,12 +78,11 @@ class EtherPlusLinear(AdaptedLinear):
     def __init__(self, base: nn.Linear, hp: dict) -> None:
         super().__init__(base, hp)
         n = hp["n_blocks"]
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.ether_u_in = nn.Parameter(torch.randn(n, base.in_features // n, **kw))
+        self.ether_u_in = nn.Parameter(initial_vectors(n, base.in_features // n, base.weight))
         self.ether_v_in = nn.Parameter(-self.ether_u_in.detach().clone())
         self.two_sided = hp["sides"] == 2
         if self.two_sided:
-            self.ether_u_out = nn.Parameter(torch.randn(n, base.out_features // n, **kw))
+            self.ether_u_out = nn.Parameter(initial_vectors(n, base.out_features // n, base.weight))
             self.ether_v_out = nn.Parameter(-self.ether_u_out.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,11 +103,8 @@ class EtherPlusLinear(AdaptedLinear):
         return 2 * (d_in + d_out) if hp["sides"] == 2 else 2 * d_in
 
 
-def _divisibility_problems(n: int, layers: list[nn.Linear], output_side: bool) -> list[str]:
-    bad = sorted({
-        (layer.in_features, layer.out_features) for layer in layers
-        if layer.in_features % n or (output_side and layer.out_features % n)
-    })
+def _divisibility_problems(n: int, shapes: list[tuple[int, int]], output_side: bool) -> list[str]:
+    bad = sorted({(d_in, d_out) for d_in, d_out in shapes if d_in % n or (output_side and d_out % n)})
     if not bad:
         return []
     what = "d_in and d_out" if output_side else "d_in"
@@ -119,8 +125,8 @@ class Ether(LinearWrapping):
     layer = EtherLinear
     hparams = (N_BLOCKS, TARGET_MODULES)
 
-    def _layer_problems(self, layers: list[nn.Linear], hp: dict) -> list[str]:
-        return _divisibility_problems(hp["n_blocks"], layers, output_side=False)
+    def _layer_problems(self, shapes: list[tuple[int, int]], hp: dict) -> list[str]:
+        return _divisibility_problems(hp["n_blocks"], shapes, output_side=False)
 
 
 @register
@@ -138,5 +144,5 @@ class EtherPlus(LinearWrapping):
         TARGET_MODULES,
     )
 
-    def _layer_problems(self, layers: list[nn.Linear], hp: dict) -> list[str]:
-        return _divisibility_problems(hp["n_blocks"], layers, output_side=hp["sides"] == 2)
+    def _layer_problems(self, shapes: list[tuple[int, int]], hp: dict) -> list[str]:
+        return _divisibility_problems(hp["n_blocks"], shapes, output_side=hp["sides"] == 2)

@@ -11,10 +11,11 @@ from typing import ClassVar
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .base import Applied, Method, TaskInfo, in_head
+from peftlab.workers.architectures import default_targets, no_default
+
+from .base import Applied, Method, TaskInfo, in_head, not_found
 
 _PEFT_TASK_TYPES = {"text-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
@@ -25,28 +26,13 @@ def peft_task_type(task: TaskInfo) -> TaskType | None:
     return _PEFT_TASK_TYPES.get(task.type)
 
 
-def default_targets(model: nn.Module) -> list[str] | None:
-    """The layers an architecture's LoRA usually adapts: the model's own `default_target_modules`
-    (the CIFAR ResNets: their 3x3 convs), else peft's per-architecture list (query/value for BERT,
-    c_attn for GPT-2, q_proj/v_proj for Llama-like models), else the attention's query and value
-    projections under their usual names; None when none of these is in the model."""
-    own = getattr(model, "default_target_modules", None)
-    if own:
-        return list(own)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    candidates = [TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type), *USUAL_QUERY_VALUE]
-    return next((list(c) for c in candidates if c and set(c) <= names), None)
-
-
-USUAL_QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
-
-
 class PeftMethod(Method):
     """A method whose implementation is peft's; the task head goes into peft's modules_to_save."""
 
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
     """Layer classes this method's peft tuner can adapt."""
+    architecture_targets: ClassVar[bool] = True
+    """A `target_modules` left unset means the architecture table's query and value projections."""
 
     @abstractmethod
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> PeftConfig:
@@ -57,6 +43,9 @@ class PeftMethod(Method):
 
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
         """Every listed target module must match at least one linear layer outside the head."""
+        if self.architecture_targets and "target_modules" in hp and hp["target_modules"] is None \
+                and default_targets(model) is None:
+            return [no_default(model, self.name)]
         config = self.peft_config(model, hp, task)
         wanted = getattr(config, "target_modules", None)
         if wanted is None or isinstance(wanted, str):  # None: no targets; str: "all-linear" or a regex
@@ -72,10 +61,7 @@ class PeftMethod(Method):
             one.target_modules = {target}
             matched = targeted(model, one)
             if not matched:
-                problems.append(
-                    f"target module '{target}' not found in {type(model).__name__} (outside the head); "
-                    f"its {kinds} layers are named: {', '.join(candidates) or '(none)'}"
-                )
+                problems.append(not_found(target, model, candidates, kinds))
             problems += [
                 f"target module '{target}' matches {name} ({type(m).__name__}); {self.name} adapts {kinds} layers"
                 for name, m in matched

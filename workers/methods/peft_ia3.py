@@ -1,18 +1,18 @@
 """(IA)^3 through peft's IA3Config: learned vectors rescale the outputs of the target layers
-(the inputs of feed-forward ones); targets default to peft's per-architecture choice."""
+(the inputs of feed-forward ones); targets default to the architecture table's key, value and FFN output."""
 from __future__ import annotations
 
 from peft import IA3Config
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD_DEFAULTS,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET_DEFAULTS,
-)
 from peft.tuners.ia3 import IA3Model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.workers.architectures import architecture, no_default
 
 from .base import HParam, TaskInfo
 from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
+from .wrapped import linear_dims
 
 
 @register
@@ -24,24 +24,27 @@ class IA3(PeftMethod):
     mergeable = True
     identity_at_init = True
     default_lr = 3e-3
+    architecture_targets = False  # its own defaults: keys, values and the FFN output
+    layer_types = (nn.Linear, Conv1D)
     hparams = (
         HParam(
             "target_modules", list, None,
-            "layers to rescale; default: peft's choice for the architecture (bert: key, value, output.dense)",
+            "layers to rescale; default: the architecture's key and value projections and FFN output projection "
+            "(bert: key, value, output.dense, as peft chooses; llama: k_proj, v_proj, down_proj)",
         ),
         HParam(
             "feedforward_modules", list, None,
-            "targets rescaled on their input, not their output; default: peft's choice for the architecture "
+            "targets rescaled on their input, not their output; default: the architecture's FFN output projection "
             "(bert: output.dense, which also matches attention.output.dense), kept to those in target_modules",
         ),
     )
 
     def _modules(self, model: nn.Module, hp: dict) -> tuple[list[str] | None, list[str]]:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        targets = hp["target_modules"] or TARGET_DEFAULTS.get(model_type)
+        found = architecture(model)
+        targets = hp["target_modules"] or (list(found.rescaled) if found else None)
         feedforward = hp["feedforward_modules"]
         if feedforward is None:
-            feedforward = [m for m in FEEDFORWARD_DEFAULTS.get(model_type, []) if m in (targets or [])]
+            feedforward = [m for m in (found.feedforward if found else ()) if m in (targets or [])]
         return targets, feedforward
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> IA3Config:
@@ -56,8 +59,7 @@ class IA3(PeftMethod):
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
         targets, feedforward = self._modules(model, hp)
         if targets is None:
-            model_type = model.config.model_type
-            return [f"peft has no default (IA)^3 targets for model type '{model_type}'; set target_modules"]
+            return [no_default(model, self.name)]
         if not set(feedforward) <= set(targets):
             return [f"feedforward_modules {feedforward} must all be listed in target_modules {targets}"]
         return super()._problems(model, hp, task)
@@ -65,6 +67,6 @@ class IA3(PeftMethod):
     def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
         config = self.peft_config(model, hp, task)
         return sum(
-            m.in_features if IA3Model._check_target_module_feedforward(config, name) else m.out_features
+            linear_dims(m)[0] if IA3Model._check_target_module_feedforward(config, name) else linear_dims(m)[1]
             for name, m in targeted(model, config)
         )

@@ -9,8 +9,8 @@ from peft import LoraConfig
 from transformers.pytorch_utils import Conv1D
 from torch import nn
 
-from .base import HParam, TaskInfo
-from .peft_backed import PeftMethod, default_targets, peft_task_type, targeted
+from .base import HParam, TaskInfo, resolve_targets
+from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
@@ -27,7 +27,6 @@ class Lora(PeftMethod):
     default_lr = 5e-4
     use_dora: ClassVar[bool] = False
     quantizable = True  # peft wraps bitsandbytes' Linear4bit / Linear8bitLt with LoRA and DoRA
-    task_types = ("text-classification", "image-classification", "causal-lm")
     layer_types = (nn.Linear, nn.Conv2d, Conv1D)
     hparams = (
         HParam("r", int, 8, "rank of the update B A", low=1, size=True),
@@ -51,13 +50,8 @@ class Lora(PeftMethod):
         ),
     )
 
-    def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
-        if hp["target_modules"] is None and default_targets(model) is None:
-            return [f"no default target modules for {type(model).__name__}; set target_modules"]
-        return super()._problems(model, hp, task)
-
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoraConfig:
-        targets = hp["target_modules"] or default_targets(model) or []
+        targets = resolve_targets(model, hp["target_modules"]) or []
         return LoraConfig(
             task_type=peft_task_type(task),
             r=hp["r"],

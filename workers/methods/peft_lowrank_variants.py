@@ -5,12 +5,13 @@ from __future__ import annotations
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
 from peft.tuners.lokr.layer import factorization
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import UserError
 
-from .base import HParam, TaskInfo
+from .base import TARGET_MODULES, HParam, TaskInfo
 from .peft_backed import peft_task_type
-from .peft_orthogonal import TARGET_MODULES, PerLayerPeftMethod, Shape, targets_of
+from .peft_orthogonal import PerLayerPeftMethod, Shape, targets_of
 from .registry import register
 
 
@@ -29,6 +30,7 @@ class VeRA(PerLayerPeftMethod):
     mergeable = True
     identity_at_init = True  # lambda_b starts at zero
     default_lr = 5e-3  # two vectors per layer need a larger step than LoRA (the paper uses 4e-3 to 1e-2)
+    layer_types = (nn.Linear, Conv1D)  # peft's tuner handles GPT-2's Conv1D (fan_in_fan_out)
     hparams = (
         HParam("r", int, 256, "rank of the shared random projections; cheap, so larger than a LoRA rank",
                low=1, size=True),
@@ -43,7 +45,7 @@ class VeRA(PerLayerPeftMethod):
         return VeraConfig(
             task_type=peft_task_type(task),
             r=hp["r"],
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             vera_dropout=hp["dropout"],
             d_initial=hp["d_initial"],
             projection_prng_key=hp["projection_seed"],
@@ -87,7 +89,7 @@ class LoHa(PerLayerPeftMethod):
             alpha=hp["alpha"],
             rank_dropout=hp["rank_dropout"],
             module_dropout=hp["module_dropout"],
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             modules_to_save=list(task.head_modules),
         )
 
@@ -130,7 +132,7 @@ class LoKr(PerLayerPeftMethod):
             module_dropout=hp["module_dropout"],
             decompose_both=hp["decompose_both"],
             decompose_factor=hp["decompose_factor"] or -1,
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             modules_to_save=list(task.head_modules),
         )
 
@@ -171,6 +173,7 @@ class AdaLoRA(PerLayerPeftMethod):
     mergeable = True
     identity_at_init = True  # the singular values E start at zero
     default_lr = 5e-4
+    layer_types = (nn.Linear, Conv1D)  # peft's tuner handles GPT-2's Conv1D (fan_in_fan_out)
     hparams = (
         HParam("init_r", int, 12, "rank of every update at the start", low=1, size=True),
         HParam("target_r", int, None, "average rank per layer after allocation; default: two thirds of init_r "
@@ -202,7 +205,7 @@ class AdaLoRA(PerLayerPeftMethod):
             target_r=self._target_r(hp),
             lora_alpha=hp["alpha"],
             lora_dropout=hp["dropout"],
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             total_step=self._total_step(hp),
             tinit=hp["tinit"],
             tfinal=hp["tfinal"],
@@ -215,7 +218,7 @@ class AdaLoRA(PerLayerPeftMethod):
 
     def _match_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> LoraConfig:
         # AdaLoRA matches targets as LoRA does; a LoraConfig cannot fail on the schedule, so counting never does.
-        return LoraConfig(task_type=peft_task_type(task), target_modules=targets_of(hp),
+        return LoraConfig(task_type=peft_task_type(task), target_modules=targets_of(model, hp),
                           modules_to_save=list(task.head_modules))
 
     def _schedule_problems(self, hp: dict, total_step: int) -> list[str]:

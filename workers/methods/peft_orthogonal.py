@@ -10,21 +10,15 @@ from torch import nn
 
 from peftlab.errors import UserError
 
-from .base import HParam, TaskInfo, head_param_count
+from .base import TARGET_MODULES, HParam, TaskInfo, head_param_count, resolve_targets
 from .peft_backed import PeftMethod, peft_task_type, targeted
 from .registry import register
+from .wrapped import linear_dims
 
 Shape = tuple[str, int, int]  # (module name, d_in, d_out) of one target linear layer
 
-TARGET_MODULES = HParam(
-    "target_modules", list, ["query", "value"],
-    "linear layers to adapt: names or dotted suffixes (peft's matching), or 'all-linear' (head excluded)",
-    choices=("all-linear",),
-)
-
-
-def targets_of(hp: dict) -> str | list[str]:
-    return hp["target_modules"] if isinstance(hp["target_modules"], str) else list(hp["target_modules"])
+def targets_of(model: nn.Module, hp: dict) -> str | list[str]:
+    return resolve_targets(model, hp["target_modules"]) or []
 
 
 class PerLayerPeftMethod(PeftMethod):
@@ -53,7 +47,7 @@ class PerLayerPeftMethod(PeftMethod):
         return self.peft_config(model, hp, task)
 
     def _shapes(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[Shape]:
-        return [(n, m.in_features, m.out_features) for n, m in targeted(model, self._match_config(model, hp, task))]
+        return [(n, *linear_dims(m)) for n, m in targeted(model, self._match_config(model, hp, task))]
 
     def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
         return sum(self._layer_count(hp, d_in, d_out) for _, d_in, d_out in self._shapes(model, hp, task))
@@ -134,7 +128,7 @@ class OFT(PerLayerPeftMethod):
             r=0,  # peft requires exactly one of r and oft_block_size
             oft_block_size=hp["block_size"],
             module_dropout=hp["dropout"],
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             use_cayley_neumann=hp["use_cayley_neumann"],
             block_share=hp["block_share"],
             coft=hp["coft"],
@@ -200,7 +194,7 @@ class BOFT(PerLayerPeftMethod):
             boft_block_num=0,  # peft requires exactly one of block size and block count
             boft_n_butterfly_factor=hp["n_butterfly_factor"],
             boft_dropout=hp["dropout"],
-            target_modules=targets_of(hp),
+            target_modules=targets_of(model, hp),
             modules_to_save=list(task.head_modules),
         )
 
@@ -251,7 +245,7 @@ class HRA(PerLayerPeftMethod):
 
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> HRAConfig:
         return HRAConfig(
-            task_type=peft_task_type(task), r=hp["r"], target_modules=targets_of(hp),
+            task_type=peft_task_type(task), r=hp["r"], target_modules=targets_of(model, hp),
             modules_to_save=list(task.head_modules),
         )
 

@@ -15,7 +15,6 @@ class Selective(Method):
 
     mergeable = True
     identity_at_init = True
-    task_types = ("text-classification", "image-classification", "causal-lm")
 
     @abstractmethod
     def trains(self, param_name: str) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .base import HParam, TaskInfo
 from .registry import register
-from .wrapped import TARGET_MODULES, AdaptedLinear, LinearWrapping, target_names
+from .wrapped import TARGET_MODULES, AdaptedLinear, LinearWrapping, linear_dims, target_names
 
 RANK = HParam("r", int, 8, "number of top singular directions tuned (r <= min(d_in, d_out))", low=1, size=True)
 
@@ -23,9 +23,9 @@ def rank_problems(model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
     """One problem naming every target layer too small for rank r (the SVD has only min(d_in, d_out))."""
     modules = dict(model.named_modules())
     small = [
-        f"{n} ({m.out_features}x{m.in_features})"
+        f"{n} ({dims[1]}x{dims[0]})"
         for n in target_names(model, hp["target_modules"], task)
-        if isinstance(m := modules[n], nn.Linear) and hp["r"] > min(m.in_features, m.out_features)
+        if (dims := linear_dims(modules[n])) is not None and hp["r"] > min(dims)
     ]
     if not small:
         return []
@@ -103,7 +103,7 @@ def cayley(X: torch.Tensor) -> torch.Tensor:
 
 class SpectralRotLinear(SpectralLinear):
     """W' = (U_r Q(P)) diag(S_r * scale) (V_r Q(R))^T + W_rest = W + U_r M V_r^T,
-    M = Q(P) diag(S_r * scale) Q(R)^T - diag(S_r); P, R start at 0 (Q = I), scale at 1 (optional)."""
+    M = Q(P) diag(S_r * scale) Q(R)^T - diag(S_r); P, R start at 0 (Q = I), scale at 1 (trained by default)."""
 
     def __init__(self, base: nn.Linear, hp: dict) -> None:
         super().__init__(base, hp)
@@ -154,6 +154,7 @@ class SpectralRot(RankedWrapping):
     layer = SpectralRotLinear
     hparams = (
         RANK,
-        HParam("scale", bool, False, "also train a scale per singular value (length r, starts at 1)"),
+        HParam("scale", bool, True, "also train a scale per singular value (length r, starts at 1), as the "
+               "reference code does"),
         TARGET_MODULES,
     )

@@ -1,7 +1,8 @@
 """Shared machinery for methods implemented here that wrap target linear layers.
 
-The frozen `nn.Linear` stays inside an `AdaptedLinear`, which adds the method's tensors and
-defines the adapted weight; merging folds each wrapper back into a plain `nn.Linear`.
+The frozen `nn.Linear` (GPT-2's Conv1D is first turned into the equal `nn.Linear`) stays inside an
+`AdaptedLinear`, which adds the method's tensors and defines the adapted weight; merging folds each
+wrapper back into a plain `nn.Linear`.
 """
 from __future__ import annotations
 
@@ -10,15 +11,37 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
-from .base import HParam, Method, TaskInfo, in_head
+from peftlab.workers.architectures import no_default
+
+from .base import TARGET_MODULES, Method, TaskInfo, in_head, not_found, resolve_targets
 
 ALL_LINEAR = "all-linear"
-TARGET_MODULES = HParam(
-    "target_modules", list, ["query", "value"],
-    "names (or name suffixes) of the linear layers to adapt; 'all-linear' for every linear layer outside the head",
-    choices=(ALL_LINEAR,),
-)
+__all__ = ["ALL_LINEAR", "TARGET_MODULES", "AdaptedLinear", "LinearWrapping", "linear_dims", "target_names"]
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a linear layer, GPT-2's Conv1D (weight stored d_in x d_out) included; None otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """The layer as an nn.Linear computing the same function (a Conv1D's weight transposed)."""
+    if isinstance(module, nn.Linear):
+        return module
+    d_in, d_out = linear_dims(module)
+    weight = module.weight
+    linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
 
 
 class AdaptedLinear(nn.Module):
@@ -49,14 +72,16 @@ class AdaptedLinear(nn.Module):
         raise NotImplementedError
 
 
-def target_names(model: nn.Module, targets: list[str] | str, task: TaskInfo) -> list[str]:
-    """Names of the modules the targets match (exact name or dotted suffix), head excluded."""
+def target_names(model: nn.Module, targets: list[str] | str | None, task: TaskInfo) -> list[str]:
+    """Names of the modules the targets match (exact name or dotted suffix), head excluded; None: the
+    architecture's default targets."""
+    targets = resolve_targets(model, targets) or []
     names = []
     for name, module in model.named_modules():
         if not name or in_head(name, task):
             continue
         if targets == ALL_LINEAR:
-            if isinstance(module, nn.Linear):
+            if linear_dims(module) is not None:
                 names.append(name)
         elif any(name == t or name.endswith("." + t) for t in targets):
             names.append(name)
@@ -70,25 +95,28 @@ class LinearWrapping(Method):
     mergeable = True
 
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
-        targets = hp["target_modules"]
+        targets = resolve_targets(model, hp["target_modules"])
+        if targets is None:
+            return [no_default(model, self.name)]
         modules = dict(model.named_modules())
         found = target_names(model, targets, task)
         problems = []
         if targets != ALL_LINEAR:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear) and n})
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and linear_dims(m) is not None})
             for t in targets:
                 if not any(n == t or n.endswith("." + t) for n in found):
-                    problems.append(f"target module '{t}' not found in {type(model).__name__} "
-                                    f"(its linear layers: {', '.join(linear)})")
+                    problems.append(not_found(t, model, linear))
         for name in found:
-            if not isinstance(modules[name], nn.Linear):
+            if linear_dims(modules[name]) is None:
                 problems.append(f"target module '{name}' is a {type(modules[name]).__name__}, not a linear layer")
         if not found and not problems:
             problems.append(f"no linear layer of {type(model).__name__} matches target_modules={targets}")
-        return problems + self._layer_problems([modules[n] for n in found if isinstance(modules[n], nn.Linear)], hp)
+        shapes = [dims for n in found if (dims := linear_dims(modules[n])) is not None]
+        return problems + self._layer_problems(shapes, hp)
 
-    def _layer_problems(self, layers: list[nn.Linear], hp: dict) -> list[str]:
-        """Shape constraints of the method (e.g. block sizes that must divide d_in)."""
+    def _layer_problems(self, shapes: list[tuple[int, int]], hp: dict) -> list[str]:
+        """Shape constraints of the method on the target layers' (d_in, d_out) (e.g. block sizes that
+        must divide d_in)."""
         return []
 
     def _apply(self, model: nn.Module, hp: dict, task: TaskInfo) -> nn.Module:
@@ -97,12 +125,12 @@ class LinearWrapping(Method):
         for name in target_names(model, hp["target_modules"], task):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, self.layer(getattr(parent, child), hp))
+            setattr(parent, child, self.layer(as_linear(getattr(parent, child)), hp))
         return model
 
     def _count(self, model: nn.Module, hp: dict, task: TaskInfo) -> int:
         modules = dict(model.named_modules())
-        return sum(self.layer.count(modules[n].in_features, modules[n].out_features, hp)
+        return sum(self.layer.count(*linear_dims(modules[n]), hp)
                    for n in target_names(model, hp["target_modules"], task))
 
     def merge(self, model: nn.Module) -> nn.Module:
