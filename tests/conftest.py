@@ -89,6 +89,14 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama-style decoder with random weights (MiniLM's tokenizer)."""
+    from peftlab.workers.synthetic import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
 def instructions_jsonl(tmp_path_factory) -> Path:
     from peftlab.workers.synthetic import write_instructions_jsonl
 

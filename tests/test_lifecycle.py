@@ -24,13 +24,6 @@ def bert_without_dropout(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    from peftlab.workers.synthetic import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def prepared(model: Path, data: Path, training: dict, *, task: dict | None = None, method: str = "lora",
              hparams: dict | None = None, metric: str = "validation/loss", mode: str = "min", **spec_keys):
     spec = parse_spec({"name": "loop", "model": str(model),

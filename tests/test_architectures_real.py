@@ -1,0 +1,85 @@
+"""The seed methods in real trials on the other architectures: a ViT (built from a config) on real
+BreastMNIST images and a Llama-style decoder on instruction pairs, through the trial's own
+preparation (task type, model loading, head, method) and training loop.
+
+Each trial's loss on its 64 training examples, in eval mode, must fall after 30 steps while the new
+classification head stays frozen at its initialisation (a causal LM has no new head), so only the
+method's own parameters can lower it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab.spec import parse_spec
+from peftlab.workers.train import LoopSettings, train
+from peftlab.workers.trial import TrialContext, prepare_trial
+from test_methods_real import freeze
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STEPS = 30
+SEED_METHODS = {
+    "lora": {"r": 4}, "dora": {"r": 4}, "bora": {"r": 4}, "spectral_add": {"r": 4}, "spectral_rot": {"r": 4},
+    "ether": {"n_blocks": 4}, "ether_plus": {"n_blocks": 4}, "bone": {"block_size": 8}, "ia3": {},
+    "houlsby": {"bottleneck": 8}, "adaptformer": {"bottleneck": 8, "scale": 1.0},
+}
+"""Sized for the 32-wide tiny models (bone's blocks must divide every target layer)."""
+LR = {"ether": 1e-2, "ether_plus": 1e-2, "ia3": 3e-2, "houlsby": 1e-2, "adaptformer": 1e-2, "bone": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vit")
+    ViTForImageClassification(config).save_pretrained(path)
+    return path
+
+
+def prepared(spec: dict, method: str, hparams: dict, data_dir):
+    parsed = parse_spec({**spec, "methods": {method: hparams}})
+    task = parsed.tasks[0]
+    context = TrialContext("t", parsed.model_for(task), task, parsed.training, "unused", str(data_dir), 1, 0)
+    return prepare_trial({"method": method, method: {**hparams, "lr": LR.get(method, 5e-3)}, "seed": 0}, context)
+
+
+@torch.no_grad()
+def loss_on(model, batch) -> float:
+    model.eval()
+    return float(model(**batch).loss)
+
+
+def lowers_the_loss(trial, head: tuple[str, ...]) -> tuple[float, float]:
+    if head:
+        assert freeze(trial.model, head) > 0
+    batch = next(trial.task.train_batches(64, seed=123))  # all 64 training examples
+    before = loss_on(trial.model, batch)
+    settings = LoopSettings(max_steps=STEPS, batch_size=16, eval_batch_size=64, eval_every=STEPS, warmup_ratio=0.0,
+                            max_grad_norm=1.0, lr=trial.hparams["lr"], weight_decay=0.0)
+    train(trial.model, trial.task, settings, seed=0, device=trial.device,
+          after_step=lambda step: trial.method.on_step(trial.model, step, STEPS))
+    return before, loss_on(trial.model, batch)
+
+
+@pytest.mark.parametrize("method", sorted(SEED_METHODS))
+def test_on_a_vit_with_real_images(method, vit_dir, data_dir):
+    spec = {"name": "t", "model": str(vit_dir),
+            "tasks": [{"type": "image-classification", "dataset": "breastmnist", "max_train_samples": 64,
+                       "max_eval_samples": 16}]}
+    trial = prepared(spec, method, SEED_METHODS[method], data_dir)
+    before, after = lowers_the_loss(trial, ("classifier",))
+    assert after < before - 1e-4, f"{method} on a ViT: {before:.5f} -> {after:.5f}"
+
+
+@pytest.mark.parametrize("method", sorted({*SEED_METHODS, "prompt_tuning"}))
+def test_on_a_llama_style_decoder(method, tiny_llama_dir, instructions_jsonl, data_dir):
+    spec = {"name": "t", "model": str(tiny_llama_dir),
+            "tasks": [{"type": "causal-lm", "dataset": str(instructions_jsonl), "max_train_samples": 64,
+                       "max_eval_samples": 16}], "training": {"max_length": 32}}
+    trial = prepared(spec, method, SEED_METHODS.get(method, {"num_virtual_tokens": 4}), data_dir)
+    before, after = lowers_the_loss(trial, ())
+    assert after < before - 1e-4, f"{method} on a Llama-style decoder: {before:.5f} -> {after:.5f}"
