@@ -45,7 +45,8 @@ def status_bars(overview: pd.DataFrame, statuses: list[str]) -> go.Figure:
 
 
 def leaderboard_ci(board: pd.DataFrame, metric: str) -> go.Figure:
-    """Each method's best configuration: mean with its 95% bootstrap interval, best first."""
+    """Each method's best configuration: its test mean with the 95% bootstrap interval, best first
+    (`metric`: the test metric's name, the axis title)."""
     fig = go.Figure()
     for verdict, rows in board.groupby("verdict", sort=False):
         fig.add_trace(go.Scatter(
@@ -58,7 +59,7 @@ def leaderboard_ci(board: pd.DataFrame, metric: str) -> go.Figure:
                           "<br>%{customdata[2]} seed(s)<extra></extra>",
         ))
     fig.update_xaxes(categoryorder="array", categoryarray=list(board["method"]))
-    fig.update_layout(title="Best configuration per method: mean and 95% CI over seeds",
+    fig.update_layout(title="Best configuration per method: test mean and 95% CI over seeds",
                       yaxis_title=metric)
     return _tidy(fig, 380)
 

@@ -10,6 +10,7 @@ import streamlit as st
 
 from peftlab.dashboard import charts, loaders, stats, widgets
 from peftlab.dashboard.queries import BOARD
+from peftlab.store import test_metric
 
 DEFINITIONS = (
     "Best configuration per method = the hyperparameters with the best **validation** mean over "
@@ -96,7 +97,7 @@ def render() -> None:
     choice = widgets.choose("Task", list(dict.fromkeys(labels)), key="leaderboard_board")
     board = summary.loc[labels == choice]
     st.markdown(verdict_line(board))
-    st.plotly_chart(charts.leaderboard_ci(board, board["metric"].iloc[0]))
+    st.plotly_chart(charts.leaderboard_ci(board, test_metric(board["metric"].iloc[0])))
     st.subheader("Every task")
     widgets.table(shown(summary), "leaderboard", column_config=COLUMNS)
 
