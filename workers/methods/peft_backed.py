@@ -31,8 +31,6 @@ class PeftMethod(Method):
 
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
     """Layer classes this method's peft tuner can adapt."""
-    architecture_targets: ClassVar[bool] = True
-    """A `target_modules` left unset means the architecture table's query and value projections."""
 
     @abstractmethod
     def peft_config(self, model: nn.Module, hp: dict, task: TaskInfo) -> PeftConfig:
@@ -43,8 +41,8 @@ class PeftMethod(Method):
 
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
         """Every listed target module must match at least one linear layer outside the head."""
-        if self.architecture_targets and "target_modules" in hp and hp["target_modules"] is None \
-                and default_targets(model) is None:
+        # An unset target_modules means the architecture table's query and value projections.
+        if "target_modules" in hp and hp["target_modules"] is None and default_targets(model) is None:
             return [no_default(model, self.name)]
         config = self.peft_config(model, hp, task)
         wanted = getattr(config, "target_modules", None)

@@ -24,7 +24,6 @@ class IA3(PeftMethod):
     mergeable = True
     identity_at_init = True
     default_lr = 3e-3
-    architecture_targets = False  # its own defaults: keys, values and the FFN output
     layer_types = (nn.Linear, Conv1D)
     hparams = (
         HParam(
