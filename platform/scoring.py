@@ -11,7 +11,7 @@ import torch
 from peftlab import settings
 from peftlab.errors import UserError
 from peftlab.export import Adapted, adapter_folder, best_row, load_adapted, trial_task
-from peftlab.spec import TaskSpec
+from peftlab.spec import task_like
 from peftlab.store import ResultsStore, TrialRecord
 
 
@@ -57,7 +57,7 @@ def score(store: ResultsStore, experiment: str, *, trial_id: str | None = None, 
     other = data = None
     if dataset is not None:
         _, own = trial_task(spec, trial)
-        other = TaskSpec.model_validate({**own.model_dump(), "dataset": dataset, "name": None})
+        other = task_like(own, dataset=dataset, name=None)
         kind = task_kind(own.type)
         data = kind.load_data(other, settings.data_dir())
         trained = getattr(kind.load_data(own, settings.data_dir()), "label_names", None)

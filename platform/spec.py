@@ -13,19 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 from peftlab.errors import SpecError, UserError
 from peftlab.search_space import Leaf, parse_leaf
 
-TASK_TYPES = ("text-classification", "image-classification", "causal-lm")
-TASK_METRICS = {
-    "text-classification": ("accuracy", "macro_f1", "loss"),
-    "image-classification": ("accuracy", "macro_f1", "auroc", "loss"),
-    "causal-lm": ("loss", "perplexity", "exact_match"),
-}
-"""What each task type reports under validation/ and test/ (auroc only for two classes, exact_match
-only when asked)."""
 SPLIT_PREFIXES = ("validation/", "test/")
 SEARCH_PREFIX = "validation/"
 """Searches, schedulers and every "best" read validation metrics only."""
@@ -43,13 +36,17 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """One task: a dataset, how to read it, and how to score it."""
+    """What every task has: a type, a dataset, its splits and how it is scored. Each task type
+    extends it with its own fields (workers/tasks: `TaskKind.spec_model`); a task in a spec is
+    validated against its type's model."""
 
-    type: Literal["text-classification", "image-classification", "causal-lm"] = "text-classification"
-    """The task type; decides the model class, the head and the training objective."""
+    type: str = "text-classification"
+    """The task type (text-classification, image-classification, causal-lm, multiple-choice: the
+    registry in workers/tasks); decides the model class, the head, the objective, the metrics and
+    the type's own keys."""
     dataset: str
-    """A registry name (sst2, banking77, fomc, pneumoniamnist, breastmnist, mnist, landsat), a local
-    .csv/.tsv/.jsonl file, or a Hub dataset id."""
+    """A registry name of the task type (sst2, banking77, fomc, pneumoniamnist, bbq, ...), a local
+    file, or a Hub dataset id."""
     model: str | None = None
     """This task's model; defaults to the experiment's `model`, else the task type's default."""
     methods: Annotated[list[str], Field(min_length=1)] | None = None
@@ -58,28 +55,12 @@ class TaskSpec(_Strict):
     """Name of the task in results (letters, digits, '-', '_', '.'); defaults to the dataset's name."""
     domain: str | None = None
     """Domain tag such as nlp/sentiment; registry datasets bring their own."""
-    metric: Literal["accuracy", "macro_f1", "auroc", "loss", "perplexity", "exact_match"] | None = None
-    """Task metric; registry datasets bring their own; otherwise accuracy for classification,
-    exact_match for causal-lm with `exact_match: true`, else loss."""
-    text_column: str = "text"
-    """Column holding the input text (text classification: files and Hub datasets)."""
-    label_column: str = "label"
-    """Column holding the label: integers or strings."""
-    prompt_column: str = "prompt"
-    """causal-lm: column holding the instruction (no loss on its tokens)."""
-    response_column: str = "response"
-    """causal-lm: column holding the answer the model learns to produce."""
-    exact_match: bool = False
-    """causal-lm: also generate greedy answers for the evaluation prompts and report exact_match."""
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
-    """causal-lm: tokens generated per answer for exact match."""
-    reference: str | None = None
-    """causal-lm: texts (registry name or file; its `text_column`) whose loss before vs after tuning
-    gives forgetting; defaults to sst2's validation sentences."""
+    metric: str | None = None
+    """Task metric, one the task type reports; registry datasets bring their own, else the type's default."""
     retention: bool = True
-    """Report validation/drift (classification: 1 - cosine similarity of representations of
-    validation examples to the base model's) or validation/forgetting (causal-lm: the loss change
-    on `reference` texts) at the end of each trial."""
+    """Report a retention measure at the end of each trial: validation/drift (classifiers: 1 - cosine
+    similarity of representations of validation examples to the base model's) or
+    validation/forgetting (causal-lm: the loss change on reference texts)."""
     retention_samples: Annotated[int, Field(ge=1, le=100_000)] = 256
     """Reference examples used for drift / forgetting."""
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
@@ -108,6 +89,23 @@ class TaskSpec(_Strict):
     @property
     def label(self) -> str:
         return self.name or Path(self.dataset).stem.replace("/", "-")
+
+
+def typed_task(data: Any) -> Any:
+    """A task mapping validated against its type's own model (unknown keys of that type refused)."""
+    if not isinstance(data, dict):
+        return data
+    from peftlab.workers.tasks import KINDS
+
+    kind = data.get("type", TaskSpec.model_fields["type"].default)
+    if kind not in KINDS:
+        raise ValueError(f"type: unknown task type {kind!r} (known: {', '.join(KINDS)})")
+    return KINDS[kind].spec_model.model_validate(data)
+
+
+def task_like(task: TaskSpec, **changes: Any) -> TaskSpec:
+    """The task with some fields changed, validated again by its type's model."""
+    return type(task).model_validate({**task.model_dump(), **changes})
 
 
 class SearchSpec(_Strict):
@@ -261,7 +259,8 @@ class ExperimentSpec(_Strict):
     model: str | None = None
     """Default model of every task: a registry alias (minilm, resnet20-cifar10, ...), a Hugging Face
     Hub id, or a local path; without it, each task type's default (minilm, resnet20-cifar10)."""
-    tasks: Annotated[list[TaskSpec], Field(min_length=1, max_length=1000)]
+    tasks: Annotated[list[Annotated[SerializeAsAny[TaskSpec], BeforeValidator(typed_task)]],
+                     Field(min_length=1, max_length=1000)]
     """Tasks to run; each gets its own search."""
     methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
     """Method name -> its hyperparameters: fixed values, lists (choice) or ranges."""
@@ -418,18 +417,19 @@ def method_spaces(spec: ExperimentSpec | dict) -> tuple[dict[str, MethodSpace], 
 
 def _semantic_problems(spec: ExperimentSpec) -> list[str]:
     problems = []
+    from peftlab.workers.tasks import task_kind
+
     for i, task in enumerate(spec.tasks):
-        metric = spec.metric_for(task)
-        reported = TASK_METRICS[task.type]
+        metric, kind = spec.metric_for(task), task_kind(task.type)
         where = "search.metric" if spec.search.metric else f"tasks[{i}].metric"
         if metric.startswith(("eval/", "test/")):
             problems.append(f"{where}: '{metric}' cannot drive the search: searches read validation metrics "
                             f"only (use '{SEARCH_PREFIX}{metric.split('/', 1)[1]}')")
-        elif metric.removeprefix(SEARCH_PREFIX) not in reported or not metric.startswith(SEARCH_PREFIX):
-            allowed = ", ".join(f"{SEARCH_PREFIX}{m}" for m in reported)
+        elif metric.removeprefix(SEARCH_PREFIX) not in kind.metrics or not metric.startswith(SEARCH_PREFIX):
+            allowed = ", ".join(f"{SEARCH_PREFIX}{m}" for m in kind.metrics)
             problems.append(f"{where}: '{metric}' is not reported by tasks[{i}] ({task.type}: one of {allowed})")
-        if metric == f"{SEARCH_PREFIX}exact_match" and not task.exact_match:
-            problems.append(f"tasks[{i}]: {SEARCH_PREFIX}exact_match needs `exact_match: true`")
+        else:
+            problems += [f"tasks[{i}]: {p}" for p in kind.spec_problems(task, metric.removeprefix(SEARCH_PREFIX))]
         if spec.model_for(task) is None:
             problems.append(f"tasks[{i}].model: a {task.type} task needs a model (set `model` here or at the top)")
     # The store and dashboard sign scores by one direction per experiment.
@@ -562,17 +562,13 @@ def parse_stored_spec(data: dict) -> ExperimentSpec:
 
 def _with_registry_defaults(task: TaskSpec) -> TaskSpec:
     """Registry datasets bring their domain and metric; otherwise the task type's default metric."""
-    from peftlab.workers.data import DATASETS
-    from peftlab.workers.image_data import IMAGE_DATASETS
+    from peftlab.workers.tasks import task_kind
 
-    info = DATASETS.get(task.dataset) or IMAGE_DATASETS.get(task.dataset)
-    if task.type == "causal-lm":
-        default = "exact_match" if task.exact_match else "loss"
-    else:
-        default = info.metric if info else "accuracy"
+    kind = task_kind(task.type)
+    info = kind.registry_dataset(task.dataset)
     return task.model_copy(update={
         "domain": task.domain or (info.domain if info else None),
-        "metric": task.metric or default,
+        "metric": task.metric or (info.metric if info else kind.default_metric(task)),
     })
 
 

@@ -103,13 +103,13 @@ def test_exact_match_counts_greedy_answers(tiny_gpt2_dir, tmp_path):
     train(model, task, _settings(40, 1e-2), seed=0, device=torch.device("cpu"), report=lambda r: None)
     assert task.evaluate(model, 8, torch.device("cpu"))["exact_match"] == 0.5  # "movie" right, "plot" not
     # `peftlab predict` on a causal-LM task writes the same greedy answers, one row per prompt.
-    from peftlab.spec import TaskSpec, TrainingSpec
+    from peftlab.spec import TrainingSpec
     from peftlab.workers.tasks import task_kind
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "say the word"}\n{"prompt": "say the word"}\n')
     kind = task_kind("causal-lm")
-    spec = TaskSpec(type="causal-lm", dataset="x.jsonl", max_new_tokens=2)
+    spec = kind.spec_model(dataset="x.jsonl", max_new_tokens=2)
     rows = kind.predict(model, tokenizer, data, spec, TrainingSpec(), kind.prediction_inputs(spec, prompts))
     assert [(r["row"], r["prompt"], r["prediction"].strip()) for r in rows] == [
         (1, "say the word", "movie"), (2, "say the word", "movie")]

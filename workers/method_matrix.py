@@ -53,6 +53,7 @@ def columns() -> list[Column]:
         Column("image-classification", "CIFAR ResNet", _resnet, ("net.linear",), 2),
         Column("causal-lm", "GPT-2", _meta("AutoModelForCausalLM", GPT2Config(n_embd=256, n_layer=2, n_head=4)), (), 0),
         Column("causal-lm", "Llama", _meta("AutoModelForCausalLM", LlamaConfig(**small, num_key_value_heads=2)), (), 0),
+        Column("multiple-choice", "BERT", _meta("AutoModelForMultipleChoice", BertConfig(**small)), ("classifier",), 3),
     ]
 
 

@@ -50,8 +50,17 @@ def stratified_pick(labels: np.ndarray | None, rows: int, size: int, rng: np.ran
 
 
 def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, what: str, where: str,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, carved) positions of `pool`: a stratified `fraction` of it is carved out."""
+           rng: np.random.Generator, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, carved) positions of `pool`: a stratified `fraction` of it is carved out, or, with
+    `groups`, a `fraction` of its groups (every row of a carved group goes)."""
+    if groups is not None:
+        names = np.unique(groups[pool])
+        size = max(1, round(len(names) * fraction))
+        if size >= len(names):
+            raise UserError(f"dataset '{where}' has {len(names)} groups of training rows, too few to carve out "
+                            f"a {what} split")
+        carved = np.isin(groups[pool], names[np.sort(rng.permutation(len(names))[:size])])
+        return pool[~carved], pool[carved]
     size = max(1, round(len(pool) * fraction))
     if size >= len(pool):
         raise UserError(f"dataset '{where}' has {len(pool)} training rows, too few to carve out a {what} split")
@@ -64,11 +73,12 @@ def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, what: s
 def three_way(n_train: int, n_validation: int | None, n_test: int | None, *, where: str,
               labels: np.ndarray | None = None, validation_fraction: float = 0.1, test_fraction: float = 0.1,
               max_train: int | None = None, max_eval: int | None = None,
-              seed: int = SPLIT_SEED) -> SplitIndices:
+              seed: int = SPLIT_SEED, groups: np.ndarray | None = None) -> SplitIndices:
     """The three splits of a source with `n_train` training rows and, where it has them, official
     validation and test rows (None: carved from training, test first, each stratified by `labels`,
-    the labels of all rows in order). `max_train` / `max_eval` keep a seeded subset of the training
-    rows / of validation and of test."""
+    the labels of all rows in order, or by `groups`, a group key per row: rows of one group, such as
+    the variants of one question template, never straddle two splits). `max_train` / `max_eval`
+    keep a seeded subset of the training rows / of validation and of test."""
     rng = np.random.default_rng([seed, 0])
     pool = np.arange(n_train)
     start = n_train
@@ -77,11 +87,11 @@ def three_way(n_train: int, n_validation: int | None, n_test: int | None, *, whe
     else:
         validation, start = np.arange(start, start + n_validation), start + n_validation
     if n_test is None:
-        pool, test = _carve(pool, labels, test_fraction, "test", where, rng)
+        pool, test = _carve(pool, labels, test_fraction, "test", where, rng, groups)
     else:
         test = np.arange(start, start + n_test)
     if validation is None:
-        pool, validation = _carve(pool, labels, validation_fraction, "validation", where, rng)
+        pool, validation = _carve(pool, labels, validation_fraction, "validation", where, rng, groups)
     for split, rows in (("train", pool), ("validation", validation), ("test", test)):
         if len(rows) == 0:
             raise UserError(f"dataset '{where}' has an empty {split} split")

@@ -20,9 +20,6 @@ NORM_STATISTICS = "peftlab_norm_statistics.safetensors"
 """Batch norms' running statistics, which move in training even where the norm itself is frozen,
 so a reloaded adapter scores as its trial did; absent for models without batch norm."""
 SIZE_SCAN_LIMIT = 4096  # sizes tried when the budget's size does not fit the model
-TASK_TYPES = ("text-classification", "image-classification", "causal-lm")
-CLASSIFICATION = ("text-classification", "image-classification")
-"""Task types that add a new head (a causal LM keeps its pretrained one)."""
 _KINDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list of names"}
 
 
@@ -82,12 +79,26 @@ class TaskInfo:
     """What a method needs to know about the task: its type and which modules form the head."""
 
     type: str
-    """"text-classification", "image-classification" or "causal-lm"."""
+    """The task type's registry name (workers/tasks)."""
     num_labels: int
     """0 for causal-lm."""
     head_modules: tuple[str, ...]
     """Names (from the model root) of the task head's modules, e.g. ("classifier",); always trained.
     Empty for causal-lm, whose LM head is pretrained."""
+
+    @property
+    def offers(self) -> frozenset[str]:
+        """What the task type offers methods (keys of workers.tasks.base.OFFERS)."""
+        from peftlab.workers.tasks import task_kind
+
+        return task_kind(self.type).offers
+
+    @property
+    def peft_task_type(self) -> str | None:
+        """peft's TaskType name for this task type's wrapper, or None for a plain PeftModel."""
+        from peftlab.workers.tasks import task_kind
+
+        return task_kind(self.type).peft_task_type
 
 
 TARGET_MODULES = HParam(
@@ -169,9 +180,10 @@ class Method(ABC):
     default_lr: ClassVar[float]
     hparams: ClassVar[tuple[HParam, ...]] = ()
     """Method-specific only; all_hparams() adds OPTIMIZER_HPARAMS."""
-    task_types: ClassVar[tuple[str, ...]] = TASK_TYPES
-    """Where the method means something; whether it fits a model is the architecture's question
-    (`_problems`: targets, blocks, layer kinds)."""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """What the method adapts beyond linear layers, as task types offer it (keys of
+    workers.tasks.base.OFFERS: a new head, token or patch inputs); whether it fits a model is the
+    architecture's question (`_problems`: targets, blocks, layer kinds)."""
     quantizable: ClassVar[bool] = False
     """Trains on a k-bit quantized frozen base (QLoRA): its adapters wrap bitsandbytes layers."""
 
@@ -213,15 +225,26 @@ class Method(ABC):
             hp = self.resolve(hparams)
         except UserError as e:
             return [str(e)]
-        if task.type not in self.task_types:
-            return [f"method {self.name} supports tasks {list(self.task_types)}, not '{task.type}'"]
+        if lacking := self.needs - task.offers:
+            return [self.refusal(task, lacking)]
         names = dict(model.named_modules())
         missing = [h for h in task.head_modules if h not in names]
-        if missing or (not task.head_modules and task.type in CLASSIFICATION):
+        if missing or (not task.head_modules and "new_head" in task.offers):
             top = ", ".join(n for n, _ in model.named_children())
             what = f"head module(s) {missing} not found" if missing else "the task names no head module"
             return [f"{what} in {type(model).__name__}; its top-level modules: {top}"]
         return self._problems(model, hp, task)
+
+    def refusal(self, task: TaskInfo, lacking: frozenset[str]) -> str:
+        """Why the task type cannot host this method, and which methods it can."""
+        from peftlab.workers.tasks.base import OFFERS
+
+        from .registry import all_methods
+
+        works = [m.name for m in all_methods().values() if m.needs <= task.offers and m.name != self.name]
+        what = ", ".join(OFFERS[k] for k in sorted(lacking))
+        return (f"method {self.name} needs {what}, which {task.type} tasks do not offer; "
+                f"methods that run there: {', '.join(works)}")
 
     def apply(self, model: nn.Module, hparams: dict, task: TaskInfo) -> nn.Module:
         """Freeze the model, inject the method's parameters, keep the head trainable."""

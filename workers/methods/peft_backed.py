@@ -17,13 +17,10 @@ from peftlab.workers.architectures import default_targets, no_default
 
 from .base import Applied, Method, TaskInfo, in_head, not_found
 
-_PEFT_TASK_TYPES = {"text-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
-
-
 def peft_task_type(task: TaskInfo) -> TaskType | None:
-    """peft's wrapper class for the task; None (a plain PeftModel) for image classification,
-    whose models take pixel_values, which peft's task-specific wrappers do not pass on."""
-    return _PEFT_TASK_TYPES.get(task.type)
+    """peft's wrapper class for the task, as its task type names it; None: a plain PeftModel (image
+    models take pixel_values, which peft's task-specific wrappers do not pass on)."""
+    return TaskType[task.peft_task_type] if task.peft_task_type else None
 
 
 class PeftMethod(Method):

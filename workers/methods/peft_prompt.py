@@ -19,7 +19,7 @@ class PromptTuning(PeftMethod):
     mergeable = False
     identity_at_init = False  # the extra tokens change every output from the first step
     default_lr = 3e-2
-    task_types = ("text-classification", "causal-lm")  # token inputs; images have no token embeddings
+    needs = frozenset({"token_prompt"})
     hparams = (
         HParam("num_virtual_tokens", int, 20, "number of soft tokens prepended", low=1, size=True),
         HParam(

@@ -51,7 +51,7 @@ class LinearProbe(Selective):
     paper = "linear probing (baseline)"
     formula = "head only"
     default_lr = 1e-3
-    task_types = ("text-classification", "image-classification")  # a causal LM has no new head
+    needs = frozenset({"new_head"})
 
     def trains(self, param_name: str) -> bool:
         return False

@@ -1,5 +1,5 @@
-"""What every task type provides: a `TaskKind` (data, model, head) and the `Task` it builds
-(training batches, evaluation, retention against the untouched model)."""
+"""What every task type provides: a `TaskKind` (its spec keys, data, model, head, metrics, what it
+offers methods) and the `Task` it builds (training batches, evaluation, retention)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -34,12 +34,46 @@ class Task(ABC):
         return {}
 
 
+OFFERS = {
+    "linear_layers": "linear layers to adapt",
+    "blocks": "transformer blocks to hang adapters on",
+    "new_head": "a new task head",
+    "token_prompt": "token inputs to prepend soft prompts to (one sequence per example)",
+    "patch_tokens": "a sequence of image patch tokens",
+}
+"""What a task type can offer a method; a method names what it needs (`Method.needs`)."""
+
+
 class TaskKind(ABC):
-    """One task type: loads its data and model and builds its `Task`."""
+    """One task type: its spec model and metrics, loads its data and model and builds its `Task`."""
 
     name: ClassVar[str]
+    summary: ClassVar[str]
+    """One line: what the task learns and from what."""
+    spec_model: ClassVar[type[TaskSpec]]
+    """The pydantic model of this type's task entries (TaskSpec plus the type's own keys)."""
+    metrics: ClassVar[tuple[str, ...]]
+    """Metrics reported under validation/ and test/ that a search may optimise."""
+    offers: ClassVar[frozenset[str]]
+    """Keys of OFFERS this task type provides to methods."""
+    peft_task_type: ClassVar[str | None] = None
+    """peft's TaskType name for its task-specific wrapper; None: a plain PeftModel, which passes every
+    keyword through (peft's wrappers handle token inputs only)."""
     default_model: ClassVar[str | None]
     """Used when neither the task nor the experiment names a model."""
+
+    def registry_dataset(self, name: str) -> Any:
+        """The registry data set of this type called `name` (with its `domain` and `metric`), or None."""
+        return None
+
+    def default_metric(self, spec: TaskSpec) -> str:
+        """The metric of a task whose data set is not in the registry and that names none."""
+        return self.metrics[0]
+
+    def spec_problems(self, spec: TaskSpec, metric: str) -> list[str]:
+        """One line per problem with a task entry that its model alone cannot see (`metric`: the
+        validation metric the search optimises, without its prefix)."""
+        return []
 
     @abstractmethod
     def load_data(self, spec: TaskSpec, data_dir: Path | None) -> Any:
@@ -72,6 +106,20 @@ class TaskKind(ABC):
                 inputs: Any) -> list[dict[str, Any]]:
         """One prediction per input row, as table rows."""
         raise UserError(f"predict does not support task type {self.name} yet; `peftlab eval` scores it")
+
+
+@torch.no_grad()
+def loss_and_predictions(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, torch.Tensor]:
+    """The mean loss over the batches' examples and each example's argmax class, in eval mode."""
+    model.eval()
+    total, count, predictions = 0.0, 0, []
+    for batch in batches:
+        out = model(**batch)
+        total += out.loss.item() * len(batch["labels"])
+        count += len(batch["labels"])
+        predictions.append(out.logits.argmax(-1).cpu())
+    model.train()
+    return total / count, torch.cat(predictions)
 
 
 class HeadInputs:

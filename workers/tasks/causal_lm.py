@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,25 @@ from peftlab.workers.tasks.base import Task, TaskKind
 IGNORE = -100
 """Label of positions that carry no loss (the prompt and padding), as transformers' losses expect."""
 DEFAULT_REFERENCE = "sst2"
+
+
+class CausalLmSpec(TaskSpec):
+    """Instruction tuning of a decoder: a prompt column and a response column."""
+
+    type: Literal["causal-lm"] = "causal-lm"
+    prompt_column: str = "prompt"
+    """Column holding the instruction (no loss on its tokens)."""
+    response_column: str = "response"
+    """Column holding the answer the model learns to produce."""
+    exact_match: bool = False
+    """Also generate greedy answers for the evaluation prompts and report exact_match."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Tokens generated per answer for exact match."""
+    reference: str | None = None
+    """Texts (registry name or file; its `text_column`) whose loss before vs after tuning gives
+    forgetting; defaults to sst2's validation sentences."""
+    text_column: str = "text"
+    """Column of `reference` holding its texts."""
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -161,9 +183,22 @@ class CausalLmTask(Task):
 
 class CausalLmKind(TaskKind):
     name = "causal-lm"
+    summary = "instruction tuning of a decoder: the response's tokens given the prompt; the pretrained LM head"
+    spec_model = CausalLmSpec
+    metrics = ("loss", "perplexity", "exact_match")
+    offers = frozenset({"linear_layers", "blocks", "token_prompt"})
+    peft_task_type = "CAUSAL_LM"
     default_model = None
 
-    def load_data(self, spec: TaskSpec, data_dir: Path | None) -> InstructionData:
+    def default_metric(self, spec: CausalLmSpec) -> str:
+        return "exact_match" if spec.exact_match else "loss"
+
+    def spec_problems(self, spec: CausalLmSpec, metric: str) -> list[str]:
+        if metric == "exact_match" and not spec.exact_match:
+            return ["validation/exact_match needs `exact_match: true`"]
+        return []
+
+    def load_data(self, spec: CausalLmSpec, data_dir: Path | None) -> InstructionData:
         return load_instruction_data(
             spec.dataset, prompt_column=spec.prompt_column, response_column=spec.response_column,
             options=split_options(spec),
@@ -182,12 +217,12 @@ class CausalLmKind(TaskKind):
     def head_modules(self, model: nn.Module) -> tuple[str, ...]:
         return ()  # the LM head is the pretrained one (often tied to the embeddings): nothing new
 
-    def prediction_inputs(self, spec: TaskSpec, path: Path) -> list[str]:
+    def prediction_inputs(self, spec: CausalLmSpec, path: Path) -> list[str]:
         from peftlab.workers.data import read_file_texts
 
         return read_file_texts(path, spec.prompt_column)
 
-    def predict(self, model: nn.Module, processor, data: InstructionData, spec: TaskSpec, training: TrainingSpec,
+    def predict(self, model: nn.Module, processor, data: InstructionData, spec: CausalLmSpec, training: TrainingSpec,
                 inputs: list[str]) -> list[dict]:
         """Each prompt's greedy answer (at most the task's `max_new_tokens`), in order."""
         model.eval()
@@ -196,7 +231,7 @@ class CausalLmKind(TaskKind):
         return [{"row": i + 1, spec.prompt_column: prompt, "prediction": answer}
                 for i, (prompt, answer) in enumerate(zip(inputs, answers, strict=True))]
 
-    def build_task(self, data: InstructionData, processor, head: tuple[str, ...], spec: TaskSpec,
+    def build_task(self, data: InstructionData, processor, head: tuple[str, ...], spec: CausalLmSpec,
                    training: TrainingSpec, data_dir: Path | None) -> CausalLmTask:
         reference = None
         if spec.retention:

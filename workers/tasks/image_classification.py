@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,15 @@ from peftlab.errors import UserError
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
 from peftlab.workers.data import split_options
-from peftlab.workers.image_data import ImageClassificationData, load_image_classification
+from peftlab.workers.image_data import IMAGE_DATASETS, ImageClassificationData, load_image_classification
 from peftlab.workers.tasks.base import DriftTask, TaskKind
 from peftlab.workers.tasks.text_classification import macro_f1
+
+
+class ImageClassificationSpec(TaskSpec):
+    """An image classification task on a registry image data set."""
+
+    type: Literal["image-classification"] = "image-classification"
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,19 @@ class ImageClassificationTask(DriftTask):
 
 class ImageClassificationKind(TaskKind):
     name = "image-classification"
+    summary = "a label per image (medical, digits, remote sensing); a new classification head"
+    spec_model = ImageClassificationSpec
+    metrics = ("accuracy", "macro_f1", "auroc", "loss")
+    offers = frozenset({"linear_layers", "blocks", "new_head", "patch_tokens"})
     default_model = "resnet20-cifar10"
 
-    def load_data(self, spec: TaskSpec, data_dir: Path | None) -> ImageClassificationData:
+    def registry_dataset(self, name: str):
+        return IMAGE_DATASETS.get(name)
+
+    def default_metric(self, spec: ImageClassificationSpec) -> str:
+        return "accuracy"
+
+    def load_data(self, spec: ImageClassificationSpec, data_dir: Path | None) -> ImageClassificationData:
         return load_image_classification(spec.dataset, data_dir=data_dir, options=split_options(spec))
 
     def load_model(self, model: str, data: ImageClassificationData, data_dir: Path | None,
@@ -136,7 +153,7 @@ class ImageClassificationKind(TaskKind):
 
         return image_head_modules(model)
 
-    def prediction_inputs(self, spec: TaskSpec, path: Path) -> torch.Tensor:
+    def prediction_inputs(self, spec: ImageClassificationSpec, path: Path) -> torch.Tensor:
         """The images of a local .npz file: its `images` array, uint8, N x H x W (grey) or N x C x H x W."""
         import numpy as np
 
@@ -155,7 +172,7 @@ class ImageClassificationKind(TaskKind):
         return torch.from_numpy(images[:, None] if images.ndim == 3 else images)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, processor: InputFormat, data: ImageClassificationData, spec: TaskSpec,
+    def predict(self, model: nn.Module, processor: InputFormat, data: ImageClassificationData, spec: ImageClassificationSpec,
                 training: TrainingSpec, inputs: torch.Tensor) -> list[dict]:
         """The label and its probability for each image, in order."""
         model.eval()
@@ -170,6 +187,6 @@ class ImageClassificationKind(TaskKind):
         return rows
 
     def build_task(self, data: ImageClassificationData, processor: InputFormat, head: tuple[str, ...],
-                   spec: TaskSpec, training: TrainingSpec, data_dir: Path | None) -> ImageClassificationTask:
+                   spec: ImageClassificationSpec, training: TrainingSpec, data_dir: Path | None) -> ImageClassificationTask:
         return ImageClassificationTask(data, processor, head=head,
                                        retention_samples=spec.retention_samples if spec.retention else 0)

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
-from peftlab.workers.data import TextClassificationData, load_text_classification, split_options
-from peftlab.workers.tasks.base import DriftTask, TaskKind
+from peftlab.workers.data import DATASETS, TextClassificationData, load_text_classification, split_options
+from peftlab.workers.tasks.base import DriftTask, TaskKind, loss_and_predictions
+
+
+class TextClassificationSpec(TaskSpec):
+    """A text classification task: one text column, one label column."""
+
+    type: Literal["text-classification"] = "text-classification"
+    text_column: str = "text"
+    """Column holding the input text (files and Hub datasets)."""
+    label_column: str = "label"
+    """Column holding the label: integers or strings."""
 
 GROUP_WINDOW = 50
 """Batches per window within which examples are grouped by length (see `train_batches`)."""
@@ -80,22 +91,16 @@ class TextClassificationTask(DriftTask):
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 yield _trim({k: v[batches[b]] for k, v in self.train.items()})
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
                  split: str = "validation") -> dict[str, float]:
-        model.eval()
-        total_loss, preds = 0.0, []
         encoded = self.splits[split]
         n = len(encoded["labels"])
-        for start in range(0, n, batch_size):
-            batch = _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
-            out = model(**batch)
-            total_loss += out.loss.item() * len(batch["labels"])
-            preds.append(out.logits.argmax(-1).cpu())
-        model.train()
-        pred, gold = torch.cat(preds), encoded["labels"]
+        loss, pred = loss_and_predictions(model, (
+            _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
+            for start in range(0, n, batch_size)))
+        gold = encoded["labels"]
         return {
-            "loss": total_loss / n,
+            "loss": loss,
             "accuracy": (pred == gold).float().mean().item(),
             "macro_f1": macro_f1(pred, gold, self.num_labels),
         }
@@ -109,9 +114,20 @@ class TextClassificationTask(DriftTask):
 
 class TextClassificationKind(TaskKind):
     name = "text-classification"
+    summary = "a label per text (sentiment, intent, stance); a new classification head"
+    spec_model = TextClassificationSpec
+    metrics = ("accuracy", "macro_f1", "loss")
+    offers = frozenset({"linear_layers", "blocks", "new_head", "token_prompt"})
+    peft_task_type = "SEQ_CLS"
     default_model = "minilm"
 
-    def load_data(self, spec: TaskSpec, data_dir: Path | None) -> TextClassificationData:
+    def registry_dataset(self, name: str):
+        return DATASETS.get(name)
+
+    def default_metric(self, spec: TextClassificationSpec) -> str:
+        return "accuracy"
+
+    def load_data(self, spec: TextClassificationSpec, data_dir: Path | None) -> TextClassificationData:
         return load_text_classification(
             spec.dataset, text_column=spec.text_column, label_column=spec.label_column,
             options=split_options(spec), data_dir=data_dir,
@@ -133,13 +149,13 @@ class TextClassificationKind(TaskKind):
 
         return head_modules(model)
 
-    def prediction_inputs(self, spec: TaskSpec, path: Path) -> list[str]:
+    def prediction_inputs(self, spec: TextClassificationSpec, path: Path) -> list[str]:
         from peftlab.workers.data import read_file_texts
 
         return read_file_texts(path, spec.text_column)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, processor, data: TextClassificationData, spec: TaskSpec,
+    def predict(self, model: nn.Module, processor, data: TextClassificationData, spec: TextClassificationSpec,
                 training: TrainingSpec, inputs: list[str]) -> list[dict]:
         """The label and its probability for each text, in order."""
         model.eval()
@@ -155,7 +171,7 @@ class TextClassificationKind(TaskKind):
                      for i, (text, k, p) in enumerate(zip(chunk, index.tolist(), best.tolist(), strict=True))]
         return rows
 
-    def build_task(self, data: TextClassificationData, processor, head: tuple[str, ...], spec: TaskSpec,
+    def build_task(self, data: TextClassificationData, processor, head: tuple[str, ...], spec: TextClassificationSpec,
                    training: TrainingSpec, data_dir: Path | None) -> TextClassificationTask:
         return TextClassificationTask(data, processor, training.max_length, head=head,
                                       retention_samples=spec.retention_samples if spec.retention else 0)
