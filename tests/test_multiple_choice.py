@@ -116,3 +116,17 @@ def test_validate_refuses_prompt_tuning_on_multiple_choice_in_one_line(tmp_path,
     lines = [line for line in result.output.splitlines() if "prompt_tuning" in line]
     assert len(lines) == 1 and "which multiple-choice tasks do not offer" in lines[0], result.output
     assert "lora" in lines[0].split("methods that run there:")[1]
+
+
+def test_predict_writes_each_questions_chosen_answer(tmp_path, tiny_bert_dir):
+    from peftlab.spec import TrainingSpec
+
+    path = tmp_path / "quiz.jsonl"
+    path.write_text('{"context": "The sky is blue.", "question": "What colour is the sky?", "a": "blue", "b": "red"}\n'
+                    '{"context": "Grass is green.", "question": "What colour is grass?", "a": "pink", "b": "green"}\n')
+    spec = KIND.spec_model(dataset=str(path), choice_columns=["a", "b"])
+    model, tokenizer = KIND.load_model(str(tiny_bert_dir), None, None)
+    rows = KIND.predict(model, tokenizer, None, spec, TrainingSpec(), KIND.prediction_inputs(spec, path))
+    assert [r["row"] for r in rows] == [1, 2]
+    for row, choices in zip(rows, (["blue", "red"], ["pink", "green"]), strict=True):
+        assert row["answer"] == choices[row["prediction"]] and 0.5 <= row["probability"] <= 1
