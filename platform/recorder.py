@@ -22,7 +22,7 @@ from peftlab.workers.train import better
 from peftlab.workers.trial import adapter_path, hparams_of, seed_of
 
 COST_KEYS = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes",
-             "peak_memory_bytes", "train_seconds", "samples_per_second")
+             "peak_memory_bytes", "train_seconds", "samples_per_second", "calibration_seconds")
 MLFLOW_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.EARLY_STOPPED: "KILLED",
                  TrialStatus.FAILED: "FAILED"}
 

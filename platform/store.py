@@ -116,6 +116,8 @@ class TrialRecord:
     """How often the trial continued from its last checkpoint after its worker died."""
     test_objective: float | None = None
     """The search metric on the test split at the kept checkpoint, evaluated once at the trial's end."""
+    calibration_seconds: float | None = None
+    """Time the method spent on the training data before training (selection passes, a first stage)."""
 
 
 @dataclass(kw_only=True)

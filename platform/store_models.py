@@ -114,6 +114,8 @@ class Trial(Base):
     """How often the trial continued from its last checkpoint after its worker died."""
     test_objective: Mapped[float | None] = mapped_column(Float)
     """The search metric on the test split at the kept checkpoint; None until the trial is tested."""
+    calibration_seconds: Mapped[float | None] = mapped_column(Float)
+    """Time the method spent on the training data before training (0 for methods that need none)."""
 
 
 class TrialMetric(Base):

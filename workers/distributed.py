@@ -48,10 +48,14 @@ def multi_worker_problems(methods: list[str], training: TrainingSpec, resources:
                         "shards across workers; use select: last or zero_stage: 2")
     for name in methods:
         method = registry.get(name)  # an unknown name is reported by the spec's method check
-        if method is not None and type(method).on_step is not Method.on_step:
+        if method is not None and (type(method).on_step is not Method.on_step or method.prunes):
             # Such methods read every parameter's full gradient after each step; ZeRO shards and frees it.
             problems.append(f"methods.{name}: reshapes itself from gradients during training, which "
                             "multi-worker (DeepSpeed) trials do not support; use workers_per_trial: 1")
+        elif method is not None and method.calibrates:
+            # Each worker would calibrate on its own shard and select differently.
+            problems.append(f"methods.{name}: calibrates on the training data in one process before "
+                            "training, which multi-worker (DeepSpeed) trials do not support; use workers_per_trial: 1")
     return problems
 
 

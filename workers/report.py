@@ -34,6 +34,8 @@ class Costs:
     samples_per_second: float = 0.0
     peak_memory_bytes: int = 0
     adapter_bytes: int | None = None
+    calibration_seconds: float = 0.0
+    """Time the method spent on the data before training (gradient passes, a first stage)."""
 
     @property
     def trainable_pct(self) -> float:
@@ -63,6 +65,10 @@ class TrialReport:
     """Last report: that checkpoint's validation metrics, and retention (drift, forgetting)."""
     test_metrics: dict[str, float] = field(default_factory=dict)
     """Last report: that checkpoint's test metrics, evaluated once."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """Last report: what was measured beside the splits, by prefixed name: the method's own
+    (`calibration/...`, `pruning/...`) and bias scores of the kept checkpoint and of the untouched
+    model (`bias/...`, `bias_base/...`)."""
     adapter_path: str | None = None
     """The adapter folder on the trial's node."""
     adapter_uri: str | None = None
@@ -84,9 +90,9 @@ class TrialReport:
         return {f"{VALIDATION}{k}": v for k, v in self.metrics.items()}
 
     def selected(self) -> dict[str, float]:
-        """Last report: the kept checkpoint's validation and test metrics, prefixed."""
+        """Last report: the kept checkpoint's validation and test metrics, prefixed, and the figures."""
         return {**{f"{VALIDATION}{k}": v for k, v in self.selected_metrics.items()},
-                **{f"{TEST}{k}": v for k, v in self.test_metrics.items()}}
+                **{f"{TEST}{k}": v for k, v in self.test_metrics.items()}, **self.figures}
 
     def curve(self) -> dict[str, float]:
         """The points this report adds to the trial's metric curves; the last one adds the test
@@ -97,6 +103,7 @@ class TrialReport:
         if self.is_final:
             points.update({f"{TEST}{k}": v for k, v in self.test_metrics.items()})
             points.update({f"{VALIDATION}{k}": v for k, v in self.selected_metrics.items() if k in RETENTION})
+            points.update(self.figures)
         return points
 
     def to_result(self) -> dict[str, Any]:

@@ -68,13 +68,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def optimizer_and_schedule(params: list[nn.Parameter], settings: LoopSettings):
-    """AdamW over `params`, with linear warmup then linear decay to zero at max_steps."""
+def optimizer_and_schedule(params: list[nn.Parameter], settings: LoopSettings, done: int = 0):
+    """AdamW over `params`, with linear warmup then linear decay to zero at max_steps; `done`: the
+    steps the schedule has already taken (an optimizer made anew mid-run keeps the schedule's place)."""
     from transformers import get_linear_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = settings.lr
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(settings.warmup_ratio * settings.max_steps), settings.max_steps
+        optimizer, int(settings.warmup_ratio * settings.max_steps), settings.max_steps, last_epoch=done - 1
     )
     return optimizer, scheduler
 
@@ -159,6 +162,12 @@ class Stepper:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def refresh(self, done: int) -> None:
+        """A new optimizer for the parameters trainable now (a method removed some), the schedule
+        continuing after step `done`; the moments of the removed and resized tensors go with them."""
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, self.settings, done)
+
     parameters_in_state = True
     """Whether the loop's checkpoint holds the trainable parameters (a DeepSpeed engine saves its own)."""
 
@@ -213,6 +222,17 @@ class Meter:
         return mean
 
 
+@dataclass(frozen=True)
+class Reshaping:
+    """How a method that changes the model's structure while it trains meets the loop: `prune`
+    after a step (the fractions it removed, or None when it did nothing), and the structure a
+    checkpoint records and a resumed trial rebuilds before its tensors are put back."""
+
+    prune: Callable[[int], dict[str, float] | None]
+    structure: Callable[[], dict | None]
+    restructure: Callable[[dict], None]
+
+
 @dataclass
 class TrialLoop:
     """What one trial trains and where it reports; `train` runs it."""
@@ -242,6 +262,13 @@ class TrialLoop:
     rungs: Callable[[int, float | None], bool] | None = None
     """At each evaluation before the last: given the step and its validation metric, whether the
     trial goes on (see rungs.py); None: every trial trains to the end."""
+    reshaping: Reshaping | None = None
+    """The method's structural changes during training; None for methods that make none."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """Figures known before training (calibration's, the untouched model's bias scores), reported
+    with the last record; pruning adds its own."""
+    final_evaluation: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
+    """Evaluations of the kept checkpoint beyond the task's (bias scores), by prefixed name."""
     _resumed_from: int | None = field(default=None, init=False)
     _selected: dict | None = field(default=None, init=False)
     """The kept evaluation so far: step, validation metrics and (select best) the trained weights."""
@@ -271,9 +298,11 @@ class TrialLoop:
     def _state_writer(self, step: int, meter: Meter) -> Callable[[Path], None]:
         def write(folder: Path) -> None:
             stepper_state = self.stepper.save_state(folder)
+            structure = self.reshaping.structure() if self.reshaping else None
             state = checkpoint.capture(self.stepper.module, step, stepper_state, meter.progress(),
                                        parameters=self.stepper.parameters_in_state,
-                                       extra={"selected": self._selected})
+                                       extra={"selected": self._selected, "structure": structure,
+                                              "figures": dict(self.figures)})
             checkpoint.write(state, folder, rank=self.stepper.rank)
 
         return write
@@ -281,14 +310,36 @@ class TrialLoop:
     def _continue(self, meter: Meter, batches: Iterator) -> int:
         """Restore the resumed state; the step to continue after."""
         state = checkpoint.read_state(self.resume, rank=self.stepper.rank)
+        extra = state.get("extra", {})
+        if extra.get("structure") is not None and self.reshaping is not None:
+            # The checkpoint's tensors have the shapes of the model after its pruning.
+            self.reshaping.restructure(extra["structure"])
+            self.stepper.refresh(state["step"])
+            self.static = self._counted()
+        self.figures.update(extra.get("figures") or {})
         self.stepper.load_state(self.resume, state["stepper"])
         checkpoint.restore(self.stepper.module, state)  # after the stepper: the random states last
-        self._selected = state.get("extra", {}).get("selected")
+        self._selected = extra.get("selected")
         meter.train_seconds, meter.examples = state["progress"]["train_seconds"], int(state["progress"]["examples"])
         for _ in range(state["step"]):  # the same data order as an uninterrupted run
             next(batches)
         self._resumed_from = state["step"]
         return state["step"]
+
+    def _counted(self) -> Costs:
+        trainable, total = count_parameters(self.stepper.module)
+        return replace(self.static, trainable_params=trainable, total_params=total)
+
+    def _reshape(self, step: int) -> None:
+        """After a step: let the method prune; what it removed is gone for good, so the optimizer is
+        made anew, the counts are taken again, and only later evaluations can be kept."""
+        removed = self.reshaping.prune(step) if self.reshaping else None
+        if removed is None:
+            return
+        self.stepper.refresh(step)
+        self.static = self._counted()
+        self.figures.update(removed)
+        self._selected = None  # its weights no longer fit the model
 
     def _evaluate(self, split: str = "validation") -> dict[str, float]:
         with self.stepper.autocast():
@@ -313,8 +364,12 @@ class TrialLoop:
         wrote = self.save is not None and self.stepper.save(self.save, self.adapter_dir)
         # At full precision, as the untouched model's reference was taken.
         retention = self.task.retention(self.stepper.module, self.stepper.device)
+        figures = dict(self.figures)
+        if self.final_evaluation is not None:
+            figures.update(self.final_evaluation(self.stepper.module, self.stepper.device))
         extra: dict = {"metrics": metrics, "outcome": outcome, "selected_step": kept["step"],
-                       "selected_metrics": {**kept["metrics"], **retention}, "test_metrics": test}
+                       "selected_metrics": {**kept["metrics"], **retention}, "test_metrics": test,
+                       "figures": figures}
         if wrote:
             extra.update(adapter_path=str(self.adapter_dir), adapter_bytes=directory_bytes(self.adapter_dir))
             if self.publish is not None:
@@ -347,6 +402,7 @@ class TrialLoop:
                 check_finite(step_loss, step)
                 stepper.backward(loss, share)
             stepper.step(step)
+            self._reshape(step)
             meter.add(time.perf_counter() - started, size, step_loss)
 
             if is_eval_step(step, settings):

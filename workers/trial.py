@@ -111,13 +111,27 @@ class PreparedTrial:
     device: torch.device
     static: Costs
     """Counts known before training, reported with every result."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """What calibration measured, reported with the last result."""
+
+    def reshaping(self):
+        """The loop's view of a method that prunes while it trains; None for the others."""
+        from peftlab.workers.train import Reshaping
+
+        method, model, max_steps = self.method, self.model, self.settings.max_steps
+        if not method.prunes:
+            return None
+        at = method.prune_step(model, max_steps)
+        return Reshaping(prune=lambda step: method.prune(model) if step == at else None,
+                         structure=lambda: method.structure(model),
+                         restructure=lambda structure: method.restructure(model, structure))
 
 
 def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     """Seed, load data and model, remember the untouched model for retention, apply the method."""
     import numpy as np
 
-    from peftlab.workers.methods import TaskInfo, get_method
+    from peftlab.workers.methods import Calibration, TaskInfo, get_method
     from peftlab.workers.models import LoadOptions
     from peftlab.workers.tasks import task_kind
     from peftlab.workers.train import LoopSettings, count_parameters
@@ -151,6 +165,16 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     elif training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head))
+    figures, calibration_seconds = {}, 0.0
+    if method.calibrates:
+        started = time.perf_counter()
+        model.to(device)
+        # Its own seeded stream: the training batches that follow are those of any other method.
+        figures = method.calibrate(model, Calibration(
+            batches=task.train_batches(training.batch_size, seed + 1), device=device, texts=kind.corpus(data),
+            processor=processor, model_name=context.model, data_dir=data_dir, seed=seed,
+            max_length=training.max_length, batch_size=training.batch_size))
+        calibration_seconds = time.perf_counter() - started
     trainable_params, _ = count_parameters(model)
 
     settings = LoopSettings(
@@ -162,8 +186,9 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
         accumulation=training.gradient_accumulation_steps, select=training.select,
         metric=context.metric.split("/", 1)[-1], mode=context.mode,
     )
-    static = Costs(trainable_params=trainable_params, total_params=total_params)
-    return PreparedTrial(method, hparams, seed, model, task, settings, device, static)
+    static = Costs(trainable_params=trainable_params, total_params=total_params,
+                   calibration_seconds=calibration_seconds)
+    return PreparedTrial(method, hparams, seed, model, task, settings, device, static, figures)
 
 
 def rungs_for(context: TrialContext, trial_id: str):
@@ -312,4 +337,5 @@ def run_trial(config: dict, context: TrialContext) -> None:
                       report=lambda record: tune.report(record.to_result()), save=method.save,
                       adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
                       checkpoint=reporter, rungs=rungs_for(context, trial_id),
-                      checkpoint_every=context.training.checkpoint_every, resume=resume).train()
+                      checkpoint_every=context.training.checkpoint_every, resume=resume,
+                      reshaping=trial.reshaping(), figures=dict(trial.figures)).train()

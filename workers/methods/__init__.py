@@ -4,7 +4,7 @@ plugin methods other installed packages declare."""
 import importlib
 import pkgutil
 
-from .base import OPTIMIZER_HPARAMS, HParam, Method, TaskInfo
+from .base import OPTIMIZER_HPARAMS, Calibration, HParam, Method, TaskInfo
 from .plugins import FAILED as FAILED_PLUGINS
 from .plugins import load_plugins
 from .registry import all_methods, get_method, register
@@ -15,4 +15,4 @@ for _module in pkgutil.iter_modules(__path__):
 # Then other packages' methods (entry points `peftlab.methods`), which cannot replace these.
 load_plugins()
 
-__all__ = ["FAILED_PLUGINS", "OPTIMIZER_HPARAMS", "HParam", "Method", "TaskInfo", "all_methods", "get_method", "register"]
+__all__ = ["Calibration", "FAILED_PLUGINS", "OPTIMIZER_HPARAMS", "HParam", "Method", "TaskInfo", "all_methods", "get_method", "register"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -135,6 +136,26 @@ OPTIMIZER_HPARAMS: tuple[HParam, ...] = (
 )
 
 
+@dataclass
+class Calibration:
+    """What a method that needs the data before training may read: the task's training batches
+    (an endless seeded stream, model inputs with `labels`), its texts and tokenizer, and where
+    the model came from (for a pre-training head)."""
+
+    batches: Iterator[dict[str, torch.Tensor]]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    texts: list[str] = field(default_factory=list)
+    """The task's training texts (a corpus for a first stage); empty for images."""
+    processor: Any = None
+    """The tokenizer of text tasks."""
+    model_name: Any = None
+    """The model's name (registry alias, Hub id, path) or, for a model built from a config, that config."""
+    data_dir: Path | None = None
+    seed: int = 0
+    max_length: int = 128
+    batch_size: int = 32
+
+
 @dataclass(frozen=True)
 class Applied:
     """Recorded on a model by Method.apply, so that save() knows what produced it."""
@@ -186,6 +207,9 @@ class Method(ABC):
     architecture's question (`_problems`: targets, blocks, layer kinds)."""
     quantizable: ClassVar[bool] = False
     """Trains on a k-bit quantized frozen base (QLoRA): its adapters wrap bitsandbytes layers."""
+    saved_buffers: ClassVar[tuple[str, ...]] = ()
+    """Name suffixes of buffers that belong to the adapter (a sparse method's selected indices):
+    saved and loaded with the trainable tensors."""
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -267,6 +291,38 @@ class Method(ABC):
         """Called by the training loop after each optimizer step, before gradients are cleared
         (`step` counts from 1 to max_steps): for methods that reshape themselves as they train."""
 
+    # -- methods that need the data or change the model's structure ----------------------------
+    @property
+    def calibrates(self) -> bool:
+        return type(self).calibrate is not Method.calibrate
+
+    @property
+    def prunes(self) -> bool:
+        return type(self).prune is not Method.prune
+
+    def calibrate(self, model: nn.Module, calibration: Calibration) -> dict[str, float]:
+        """Before training, after apply: read training batches (gradients, sensitivities) or train a
+        first stage, and fix what the model trains from them. Returns figures worth reporting
+        (selected shares...), by name. Its time counts as the trial's calibration time."""
+        return {}
+
+    def prune_step(self, model: nn.Module, max_steps: int) -> int | None:
+        """The optimizer step after which `prune` runs; None: never."""
+        return None
+
+    def prune(self, model: nn.Module) -> dict[str, float]:
+        """Remove parts of the model (and of the method) for good, so it is really smaller; returns
+        the fractions removed by name. The loop then trains what is left with a new optimizer."""
+        return {}
+
+    def structure(self, model: nn.Module) -> dict | None:
+        """What calibration or pruning decided that `apply` alone cannot rebuild (selected entries,
+        pruned heads), as plain JSON; None when there is nothing."""
+        return None
+
+    def restructure(self, model: nn.Module, structure: dict) -> None:
+        """Give a freshly applied model the `structure` another one had (a reload, a resumed trial)."""
+
     def save(self, model: nn.Module, path: Path) -> None:
         """The trainable tensors as safetensors plus a json naming method, hyperparameters and task."""
         from safetensors.torch import save_file
@@ -274,6 +330,8 @@ class Method(ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        tensors.update({n: b.detach().contiguous() for n, b in model.named_buffers()
+                        if self.saved_buffers and n.endswith(self.saved_buffers)})
         save_file(tensors, str(path / ADAPTER_WEIGHTS))
         self._write_meta(model, path)
 
@@ -284,6 +342,8 @@ class Method(ABC):
         path = Path(path)
         hp, task = self._read_meta(path)
         model = self.apply(base_model, hp, task)
+        if (structure := json.loads((path / ADAPTER_META).read_text()).get("structure")) is not None:
+            self.restructure(model, structure)
         unexpected = model.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), strict=False).unexpected_keys
         if unexpected:
             raise UserError(f"adapter at {path} does not fit this model: unexpected tensors {unexpected[:5]}")
@@ -296,6 +356,8 @@ class Method(ABC):
 
         applied: Applied = model.peftlab_applied
         meta = {"method": applied.method, "hparams": applied.hparams, "task": asdict(applied.task)}
+        if (structure := self.structure(model)) is not None:
+            meta["structure"] = structure
         (path / ADAPTER_META).write_text(json.dumps(meta, indent=2))
         statistics = norm_statistics(model)
         if statistics:

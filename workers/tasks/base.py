@@ -62,6 +62,11 @@ class TaskKind(ABC):
     default_model: ClassVar[str | None]
     """Used when neither the task nor the experiment names a model."""
 
+    def corpus(self, data: Any) -> list[str]:
+        """The training split's texts, for a method that trains a first stage on text; empty for
+        task types without text."""
+        return []
+
     def registry_dataset(self, name: str) -> Any:
         """The registry data set of this type called `name` (with its `domain` and `metric`), or None."""
         return None

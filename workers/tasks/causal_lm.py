@@ -231,6 +231,9 @@ class CausalLmKind(TaskKind):
         return [{"row": i + 1, spec.prompt_column: prompt, "prediction": answer}
                 for i, (prompt, answer) in enumerate(zip(inputs, answers, strict=True))]
 
+    def corpus(self, data: InstructionData) -> list[str]:
+        return [f"{p} {r}" for p, r in zip(data.train_prompts, data.train_responses, strict=True)]
+
     def build_task(self, data: InstructionData, processor, head: tuple[str, ...], spec: CausalLmSpec,
                    training: TrainingSpec, data_dir: Path | None) -> CausalLmTask:
         reference = None

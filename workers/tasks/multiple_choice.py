@@ -338,6 +338,9 @@ class MultipleChoiceKind(TaskKind):
                              "answer": inputs.choices[row][k], "probability": round(float(p), 6)})
         return rows
 
+    def corpus(self, data: MultipleChoiceData) -> list[str]:
+        return list(data.train.contexts)
+
     def build_task(self, data: MultipleChoiceData, processor, head: tuple[str, ...], spec: MultipleChoiceSpec,
                    training: TrainingSpec, data_dir: Path | None) -> MultipleChoiceTask:
         return MultipleChoiceTask(data, processor, training.max_length, head=head,

@@ -171,6 +171,9 @@ class TextClassificationKind(TaskKind):
                      for i, (text, k, p) in enumerate(zip(chunk, index.tolist(), best.tolist(), strict=True))]
         return rows
 
+    def corpus(self, data: TextClassificationData) -> list[str]:
+        return list(data.train_texts)
+
     def build_task(self, data: TextClassificationData, processor, head: tuple[str, ...], spec: TextClassificationSpec,
                    training: TrainingSpec, data_dir: Path | None) -> TextClassificationTask:
         return TextClassificationTask(data, processor, training.max_length, head=head,
