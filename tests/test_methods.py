@@ -2,6 +2,8 @@
 A method missing from the table fails the suite; peft-backed rows name the plain peft config they must equal."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -10,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.errors import UserError
-from peftlab.workers.methods import HParam, Method, TaskInfo, all_methods, get_method, register
+from peftlab.workers.methods import Calibration, HParam, Method, TaskInfo, all_methods, get_method, register
 from method_table import Case, all_cases, head
 from tiny_models import ALL_CONFIGS, CONFIGS, batch, build, build_meta, head_names, task_for
 
@@ -24,9 +26,13 @@ def test_every_registered_method_is_in_the_table():
 
 # -- helpers -----------------------------------------------------------------------------------------
 def adapted(case: Case, shape: str) -> tuple[Method, nn.Module, object, TaskInfo]:
+    """The method applied to a fresh tiny model, and calibrated on training batches where it needs them."""
     config = ALL_CONFIGS[shape]()
     method, task = get_method(case.method), task_for(config)
-    return method, method.apply(build(config), case.hparams, task), config, task
+    model = method.apply(build(config), case.hparams, task)
+    if method.calibrates:
+        method.calibrate(model, Calibration(batches=(batch(config, seed=100 + i) for i in itertools.count())))
+    return method, model, config, task
 
 
 def logits(model: nn.Module, config) -> torch.Tensor:
