@@ -25,7 +25,9 @@ SEED_METHODS = {
     "houlsby": {"bottleneck": 8}, "adaptformer": {"bottleneck": 8, "scale": 1.0},
 }
 """Sized for the 32-wide tiny models (bone's blocks must divide every target layer)."""
-LR = {"ether": 1e-2, "ether_plus": 1e-2, "ia3": 3e-2, "houlsby": 1e-2, "adaptformer": 1e-2, "bone": 1e-2}
+VIT_METHODS = {**SEED_METHODS, "vpt": {"num_tokens": 4}, "vpt-deep": {"num_tokens": 4, "deep": True}}
+"""The seed methods plus those made for ViTs alone (VPT needs patch tokens); "name-variant" ids run `name`."""
+LR = {"ether": 1e-2, "ether_plus": 1e-2, "ia3": 3e-2, "houlsby": 1e-2, "adaptformer": 1e-2, "bone": 1e-2, "vpt": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +67,15 @@ def lowers_the_loss(trial, head: tuple[str, ...]) -> tuple[float, float]:
     return before, loss_on(trial.model, batch)
 
 
-@pytest.mark.parametrize("method", sorted(SEED_METHODS))
-def test_on_a_vit_with_real_images(method, vit_dir, data_dir):
+@pytest.mark.parametrize("variant", sorted(VIT_METHODS))
+def test_on_a_vit_with_real_images(variant, vit_dir, data_dir):
     spec = {"name": "t", "model": str(vit_dir),
             "tasks": [{"type": "image-classification", "dataset": "breastmnist", "max_train_samples": 64,
                        "max_eval_samples": 16}]}
-    trial = prepared(spec, method, SEED_METHODS[method], data_dir)
+    method = variant.split("-")[0]
+    trial = prepared(spec, method, VIT_METHODS[variant], data_dir)
     before, after = lowers_the_loss(trial, ("classifier",))
-    assert after < before - 1e-4, f"{method} on a ViT: {before:.5f} -> {after:.5f}"
+    assert after < before - 1e-4, f"{variant} on a ViT: {before:.5f} -> {after:.5f}"
 
 
 @pytest.mark.parametrize("method", sorted({*SEED_METHODS, "prompt_tuning"}))

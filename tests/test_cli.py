@@ -331,6 +331,8 @@ def test_methods_matrix_says_where_each_method_applies_and_why_not():
         applies = {label for label, problems in cells[method].items() if not problems}
         assert applies == columns - {"image-classification (CIFAR ResNet)"}, method
     assert "architecture table has no entry" in cells["houlsby"]["image-classification (CIFAR ResNet)"][0]
+    assert {label for label, problems in cells["vpt"].items() if not problems} == {"image-classification (ViT)"}
+    assert "needs a sequence of image patch tokens" in cells["vpt"]["text-classification (BERT)"][0]
     assert "needs a new task head, which causal-lm tasks do not offer" in cells["linear_probe"]["causal-lm (GPT-2)"][0]
     table = runner.invoke(app, ["methods", "--matrix"])
     assert table.exit_code == 0 and "no [1]" in table.stdout and "[1] " in table.stdout
