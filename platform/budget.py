@@ -57,6 +57,9 @@ def fit_budgets(spec: ExperimentSpec, models: dict[str, tuple]) -> list[BudgetFi
                 chosen = {size: sized[size]}
                 expected, note = method.expected_trainable(model, sized, info), ""
             fit = BudgetFit(task.label, name, budget, chosen, expected, note)
+            if abs(fit.deviation) > WITHIN and method.sparse:
+                raise UserError(f"budget: {name} cannot train {budget:,} parameters on {task.label}: its closest "
+                                f"{size or 'size'} gives {expected:,} ({fit.deviation:+.0%}); {note or 'change the budget'}")
             if abs(fit.deviation) > WITHIN:
                 reason = note or f"closest {size}"
                 fit = BudgetFit(task.label, name, budget, chosen, expected,

@@ -432,9 +432,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 def train(model: nn.Module, task, settings: LoopSettings, *, seed: int, device: torch.device,
           report: Callable[[TrialReport], None] = lambda record: None,
-          after_step: Callable[[int], None] = lambda step: None) -> TrialReport:
+          after_step: Callable[[int], None] = lambda step: None, reshaping: Reshaping | None = None) -> TrialReport:
     """The loop in one process without Ray and without saving (tests, benchmarks, notebooks)."""
     trainable, total = count_parameters(model)
     stepper = Stepper(model, settings, device, after_step=after_step)
     return TrialLoop(task=task, settings=settings, stepper=stepper, seed=seed, static=Costs(trainable, total),
-                     report=report, save=None, adapter_dir=None).train()
+                     report=report, save=None, adapter_dir=None, reshaping=reshaping).train()

@@ -44,6 +44,8 @@ class HParam:
     """True for the hyperparameter that size_for_budget tunes."""
     open_low: bool = False
     """True when low itself is not allowed (a learning rate must be > 0)."""
+    open_high: bool = False
+    """True when high itself is not allowed (a share to remove must stay below 1)."""
 
     def check(self, value: Any) -> str | None:
         """A one-line problem with `value`, or None when it is acceptable."""
@@ -68,8 +70,8 @@ class HParam:
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             bound = f"{'>' if self.open_low else '>='} {self.low}"
             return f"{self.name}: {value!r} is below the allowed range ({bound})"
-        if self.high is not None and value > self.high:
-            return f"{self.name}: {value!r} is above the allowed range (<= {self.high})"
+        if self.high is not None and (value >= self.high if self.open_high else value > self.high):
+            return f"{self.name}: {value!r} is above the allowed range ({'<' if self.open_high else '<='} {self.high})"
         if self.choices is not None and value not in self.choices:
             return f"{self.name}: {value!r} is not one of {list(self.choices)}"
         return None
@@ -207,9 +209,12 @@ class Method(ABC):
     architecture's question (`_problems`: targets, blocks, layer kinds)."""
     quantizable: ClassVar[bool] = False
     """Trains on a k-bit quantized frozen base (QLoRA): its adapters wrap bitsandbytes layers."""
-    saved_buffers: ClassVar[tuple[str, ...]] = ()
-    """Name suffixes of buffers that belong to the adapter (a sparse method's selected indices):
-    saved and loaded with the trainable tensors."""
+    sparse: ClassVar[bool] = False
+    """Trains selected single weights: its size reaches a budget closely anywhere in its range, so a
+    budget outside that range is refused rather than run off-budget."""
+    saved_frozen: ClassVar[tuple[str, ...]] = ()
+    """Name suffixes of tensors that belong to the adapter but do not train (a sparse method's
+    selected indices, a first stage frozen for the second): saved and loaded with the trainable ones."""
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -306,6 +311,11 @@ class Method(ABC):
         (selected shares...), by name. Its time counts as the trial's calibration time."""
         return {}
 
+    def data_problems(self, hparams: dict, texts: list[str]) -> list[str]:
+        """Problems with what the method would read from the task's training texts (`Calibration.texts`),
+        found before anything runs."""
+        return []
+
     def prune_step(self, model: nn.Module, max_steps: int) -> int | None:
         """The optimizer step after which `prune` runs; None: never."""
         return None
@@ -330,8 +340,8 @@ class Method(ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        tensors.update({n: b.detach().contiguous() for n, b in model.named_buffers()
-                        if self.saved_buffers and n.endswith(self.saved_buffers)})
+        tensors.update({n: t.detach().contiguous() for n, t in model.state_dict().items()
+                        if self.saved_frozen and n.endswith(self.saved_frozen)})
         save_file(tensors, str(path / ADAPTER_WEIGHTS))
         self._write_meta(model, path)
 

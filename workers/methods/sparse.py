@@ -127,7 +127,8 @@ class SparseSelection(LinearWrapping):
 
     mergeable = True
     identity_at_init = True
-    saved_buffers = ("sparse_index",)
+    sparse = True
+    saved_frozen = ("sparse_index",)
 
     def _task_loss(self, model: nn.Module, hp: dict) -> Callable[[nn.Module, dict], torch.Tensor]:
         return lambda m, batch: m(**batch).loss
