@@ -80,7 +80,7 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None, data_reports: 
     methods to the budget. Returns the budget fits (empty without a budget); appends each task's
     (split summaries, warnings) to `data_reports` where one is given (see data_checks.py)."""
     from peftlab.budget import fit_budgets
-    from peftlab.workers.methods import TaskInfo, get_method
+    from peftlab.workers.methods import Method, TaskInfo, get_method
     from peftlab.workers.tasks import task_kind
 
     problems: list[str] = []
@@ -113,10 +113,21 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None, data_reports: 
                             f"tasks[{i}]) does not support gradient checkpointing")
         info = TaskInfo(task.type, data.num_labels, kind.head_modules(model))
         models[task.label] = (model, info)
+        if task.bias_eval:
+            from peftlab.workers.bias import bias_problems
+
+            problems += [f"tasks[{i}].bias_eval: {p}"
+                         for p in bias_problems(task.bias_eval, spec.model_for(task), task.type, data_dir=data_dir)]
+        texts = None
         for name in spec.methods_for(task):
             method = get_method(name)
             for variant in _variants(spaces[name].leaves):
-                for problem in method.check_applicable(model, method.resolve(variant), info):
+                hparams = method.resolve(variant)
+                found = method.check_applicable(model, hparams, info)
+                if not found and type(method).data_problems is not Method.data_problems:
+                    texts = kind.corpus(data) if texts is None else texts
+                    found = method.data_problems(hparams, texts)
+                for problem in found:
                     problems.append(f"methods.{name}: {problem} (on tasks[{i}], {task.label})")
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)

@@ -159,18 +159,36 @@ class SweepProgress(Callback):
         self.console.print(self._render())
 
 
+HEADLINE_BIAS = ("crows_pairs", "winobias_gap", "bbq_bias_ambiguous", "bbq_bias_disambiguated")
+"""The bias scores the leaderboard shows where trials have them (all of them are in json and MLflow)."""
+
+
 def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> Table:
+    """The best trial per method; a calibration column where a method spent time on the data before
+    training, the pruned share where one pruned, and each headline bias score as `adapted (base)`."""
     table = Table(title="Leaderboard: best trial per method, chosen on validation; test scored once at its kept "
                         "checkpoint", title_justify="left")
-    for column in ("task", "method", "validation", "test", "trainable", "% of model",
-                   "peak memory", "train time", "samples/s", "steps", "trials", "config"):
+    calibrated = any(row.calibration_seconds for row in rows)
+    pruned = any(k.startswith("pruning/") for row in rows for k in row.figures)
+    biases = [name for name in HEADLINE_BIAS if any(f"bias/{name}" in row.figures for row in rows)]
+    columns = ["task", "method", "validation", "test", "trainable", "% of model", "peak memory", "train time",
+               *(["calibration"] if calibrated else []), *(["pruned heads/neurons"] if pruned else []),
+               *biases, "samples/s", "steps", "trials", "config"]
+    for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
+        extra = [f"{row.calibration_seconds or 0:.1f}s"] if calibrated else []
+        if pruned:
+            heads, neurons = row.figures.get("pruning/heads"), row.figures.get("pruning/neurons")
+            extra.append("-" if heads is None else f"{heads:.0%} / {neurons or 0:.0%}")
+        for name in biases:
+            value, base = row.figures.get(f"bias/{name}"), row.figures.get(f"bias_base/{name}")
+            extra.append("-" if value is None else f"{value:.3g}" + ("" if base is None else f" ({base:.3g})"))
         table.add_row(
             row.task, row.method, f"{row.objective:.4f}",
             "-" if row.test_objective is None else f"{row.test_objective:.4f}", f"{row.trainable_params:,}",
             f"{row.trainable_pct:.3f}%", _mib(row.peak_memory_bytes),
-            f"{row.train_seconds:.1f}s" if row.train_seconds is not None else "-",
+            f"{row.train_seconds:.1f}s" if row.train_seconds is not None else "-", *extra,
             f"{row.samples_per_second:.1f}" if row.samples_per_second is not None else "-",
             steps_cell(row.steps, row.status), str(row.n_trials), _short(row.hparams),
         )

@@ -71,6 +71,13 @@ class TaskSpec(_Strict):
     """A local file (same columns) to validate on instead of a carve-out of the training rows."""
     test_file: str | None = None
     """A local file (same columns) to test on instead of a carve-out of the training rows."""
+    bias_eval: Annotated[list[Literal["crows_pairs", "winobias", "bbq"]], Field(min_length=1)] | None = None
+    """Bias evaluations of each trial's kept checkpoint and of the untouched model, reported as
+    bias/<score> and bias_base/<score>: crows_pairs (CrowS-Pairs stereotype score, 50 unbiased) and
+    winobias (WinoBias pro/anti likelihood gap) need a trained language-modelling head; bbq (BBQ
+    accuracy and bias score, ambiguous and disambiguated) a multiple-choice task."""
+    bias_samples: Annotated[int, Field(ge=1, le=100_000)] | None = 500
+    """Examples drawn (seeded) from each bias data set; null scores the whole sets."""
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """Share of the training rows carved out (stratified, fixed seed) for validation when the source
     has no validation split."""
@@ -454,6 +461,9 @@ def _semantic_problems(spec: ExperimentSpec) -> list[str]:
     problems += _device_problems(spec)
     if spec.resources.workers_per_trial > 1:
         from peftlab.workers.distributed import multi_worker_problems
+
+        problems += [f"tasks[{i}].bias_eval: runs in one-process trials; use workers_per_trial: 1"
+                     for i, task in enumerate(spec.tasks) if task.bias_eval]
 
         problems += multi_worker_problems(list(spec.methods), spec.training, spec.resources,
                                           quantized=spec.quantization is not None,

@@ -142,9 +142,20 @@ class LeaderboardRow:
     test_objective: float | None = None
     """The same metric on the test split, for that trial's kept checkpoint; None where it was never
     tested (a store from before test splits)."""
+    calibration_seconds: float | None = None
+    """Time the method spent on the training data before training (None for a store from before it)."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """What the trial measured beside its splits: bias scores of the kept checkpoint and of the
+    untouched model (bias/..., bias_base/...), calibration and pruning figures."""
 
 
-_LEADERBOARD_COLUMNS = [f.name for f in fields(LeaderboardRow)]
+_LEADERBOARD_COLUMNS = [f.name for f in fields(LeaderboardRow) if f.name != "figures"] + ["final_metrics"]
+SPLIT_METRICS = ("validation/", "test/")
+
+
+def figures_of(final_metrics: dict[str, Any] | None) -> dict[str, float]:
+    """A trial's final metrics other than its splits' (and the kept step)."""
+    return {k: v for k, v in (final_metrics or {}).items() if "/" in k and not k.startswith(SPLIT_METRICS)}
 
 
 def test_metric(metric: str) -> str:
@@ -506,7 +517,9 @@ class ResultsStore:
                 .order_by(ranked.c.task, objective, ranked.c.method)
             )
             rows = session.execute(query).mappings().all()
-        return [LeaderboardRow(**dict(row, status=TrialStatus(row["status"]))) for row in rows]
+        return [LeaderboardRow(**{**{k: v for k, v in row.items() if k != "final_metrics"},
+                                  "status": TrialStatus(row["status"]), "figures": figures_of(row["final_metrics"])})
+                for row in rows]
 
 
 def _experiment_record(row: Experiment) -> ExperimentRecord:

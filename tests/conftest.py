@@ -101,3 +101,19 @@ def instructions_jsonl(tmp_path_factory) -> Path:
     from peftlab.workers.synthetic import write_instructions_jsonl
 
     return write_instructions_jsonl(tmp_path_factory.mktemp("data") / "instructions.jsonl", 200)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mlm_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with a masked-LM head (random weights), saved with MiniLM's tokenizer."""
+    from peftlab.workers.synthetic import save_tiny_bert_mlm
+
+    return save_tiny_bert_mlm(tmp_path_factory.mktemp("tiny-bert-mlm"))
+
+
+@pytest.fixture(scope="session")
+def people_csv(tmp_path_factory) -> Path:
+    """Generated sentiment sentences that each hold a gendered word (a corpus for counterfactual swaps)."""
+    from peftlab.workers.synthetic import write_sentiment_csv
+
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "people.csv", 240, people=True)

@@ -53,6 +53,8 @@ class Case:
     peft: Callable[[], object] | None = None  # the plain peft config it must equal
     id: str = ""
     shapes: tuple[str, ...] = field(default=tuple(CONFIGS))
+    calibration: Callable[[object], object] | None = None
+    """config -> the Calibration a calibrating method reads (default: the tiny model's batches only)."""
 
     def __post_init__(self) -> None:
         self.id = self.id or self.method

@@ -25,13 +25,14 @@ def test_every_registered_method_is_in_the_table():
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def adapted(case: Case, shape: str) -> tuple[Method, nn.Module, object, TaskInfo]:
+def adapted(case: Case, shape: str, calibrate: bool = True) -> tuple[Method, nn.Module, object, TaskInfo]:
     """The method applied to a fresh tiny model, and calibrated on training batches where it needs them."""
     config = ALL_CONFIGS[shape]()
     method, task = get_method(case.method), task_for(config)
     model = method.apply(build(config), case.hparams, task)
-    if method.calibrates:
-        method.calibrate(model, Calibration(batches=(batch(config, seed=100 + i) for i in itertools.count())))
+    if method.calibrates and calibrate:
+        method.calibrate(model, case.calibration(config) if case.calibration else
+                         Calibration(batches=(batch(config, seed=100 + i) for i in itertools.count())))
     return method, model, config, task
 
 
@@ -68,7 +69,8 @@ def test_trainable_count_matches_formula(case, shape):
 
 @pytest.mark.parametrize("case, shape", PARAMS)
 def test_identity_at_init(case, shape):
-    method, model, config, _ = adapted(case, shape)
+    # As apply leaves it: a first training stage (calibrate) moves a method's model on purpose.
+    method, model, config, _ = adapted(case, shape, calibrate=False)
     frozen = logits(build(config), config)
     if method.identity_at_init:
         torch.testing.assert_close(logits(model, config), frozen, atol=1e-5, rtol=0)
@@ -214,7 +216,11 @@ def test_defaults_apply_to_minilm():
 
     model, task = meta_classifier("minilm", 2), TaskInfo("text-classification", 2, ("classifier",))
     for method in all_methods().values():
-        assert method.check_applicable(model, {}, task) == [], method.name
+        if method.needs <= task.offers:
+            assert method.check_applicable(model, {}, task) == [], method.name
+        else:  # made for what text classification lacks (VPT: image patch tokens): refused up front
+            (problem,) = method.check_applicable(model, {}, task)
+            assert problem.startswith(f"method {method.name} needs "), problem
     # 6 layers x (query, value) x 8 x (384 + 384), plus a 384 x 2 head.
     assert get_method("lora").expected_trainable(model, {}, task) == 6 * 2 * 8 * 768 + 384 * 2 + 2
 
@@ -239,8 +245,9 @@ def test_size_for_budget_picks_closest_size():
 
 @pytest.mark.parametrize("name", [n for n, m in all_methods().items() if any(h.size for h in m.hparams)])
 def test_size_for_budget_returns_a_size_the_model_takes(name):
-    config = CONFIGS["bert"]()
-    model, task, method = build_meta(config), task_for(config), get_method(name)
+    method = get_method(name)
+    config = (CONFIGS["bert"] if method.needs <= task_for(CONFIGS["bert"]()).offers else ALL_CONFIGS["vit"])()
+    model, task = build_meta(config), task_for(config)
     for budget in (1, 10**4, 10**9):  # far below, near and far above what the tiny model allows
         hp = method.size_for_budget(model, {}, task, budget)
         assert method.check_applicable(model, hp, task) == [], (budget, hp)
@@ -263,6 +270,55 @@ def test_prompt_tuning_text_init_uses_the_tokenizer():
     assert len(ids) == 4
     expected = model.get_input_embeddings().weight[torch.tensor(ids + ids[:1])]  # repeated to length
     torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, expected)
+
+
+def test_vpt_refusals_say_why_in_one_line():
+    bert = CONFIGS["bert"]()
+    vpt = get_method("vpt")
+    (problem,) = vpt.check_applicable(build_meta(bert), {}, task_for(bert))  # text classification
+    assert problem.startswith("method vpt needs a sequence of image patch tokens, which text-classification tasks "
+                              "do not offer; methods that run there: ") and "\n" not in problem
+    works = problem.rsplit(": ", 1)[1].split(", ")
+    assert {"lora", "prompt_tuning", "houlsby"} <= set(works) and "vpt" not in works
+    with pytest.raises(UserError, match="method vpt needs a sequence of image patch tokens"):
+        vpt.apply(build(bert), {}, task_for(bert))
+    # Image classification offers patch tokens, but a CNN (or any non-ViT) has none.
+    from peftlab.workers.models import LogitsClassifier
+    from peftlab.workers.vision.resnet_cifar import ResNetCifar
+
+    with torch.device("meta"):
+        resnet = LogitsClassifier(ResNetCifar(20, 2))
+    (problem,) = vpt.check_applicable(resnet, {}, TaskInfo("image-classification", 2, ("net.linear",)))
+    assert "after the CLS token of a ViT" in problem and "LogitsClassifier" in problem
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_is_the_reference_forward(deep):
+    """KMnP/vpt's forward, written out on the frozen ViT: [CLS, prompts, patches] after the embeddings,
+    and (deep) layer i > 0 reading its own prompts in place of positions 1..p."""
+    config, p = ALL_CONFIGS["vit"](), 3
+    model = get_method("vpt").apply(build(config), {"num_tokens": p, "deep": deep}, task_for(config))
+    train(model, config, steps=2)
+    fan_in, d = config.num_channels * config.patch_size**2, config.hidden_size
+    deep_prompts = [layer.vpt_prompt.tokens for layer in model.vit.layers[1:]] if deep else []
+    prompts = [model.vit.embeddings.vpt_prompt.tokens, *deep_prompts]
+    assert len(prompts) == (config.num_hidden_layers if deep else 1)
+    untrained = get_method("vpt").apply(build(config), {"num_tokens": p, "deep": deep}, task_for(config))
+    bound = (6 / (fan_in + d)) ** 0.5  # the reference's sqrt(6 / (3 * patch area + d))
+    assert 0.5 * bound < untrained.vit.embeddings.vpt_prompt.tokens.abs().max() <= bound
+
+    base, pixels = build(config), batch(config)["pixel_values"]
+    with torch.no_grad():
+        h = base.vit.embeddings(pixels)
+        n = len(pixels)
+        h = torch.cat((h[:, :1], prompts[0].expand(n, -1, -1), h[:, 1:]), dim=1)
+        for i, layer in enumerate(base.vit.layers):
+            if deep and i > 0:
+                h = torch.cat((h[:, :1], prompts[i].expand(n, -1, -1), h[:, 1 + p:]), dim=1)
+            h = layer(h)
+        expected = model.classifier(base.vit.layernorm(h)[:, 0])  # the head trained too
+    assert h.shape[1] == 1 + p + (config.image_size // config.patch_size) ** 2
+    torch.testing.assert_close(logits(model, config), expected, atol=1e-6, rtol=0)
 
 
 def test_registry_refuses_unknown_and_duplicate_names():

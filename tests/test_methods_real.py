@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from peftlab.workers.data import SplitOptions, TextClassificationData, load_text_classification
-from peftlab.workers.methods import TaskInfo, all_methods, get_method
+from peftlab.workers.methods import Calibration, TaskInfo, all_methods, get_method
 from peftlab.workers.models import head_modules, load_classifier
 from peftlab.workers.tasks.text_classification import TextClassificationTask
 from peftlab.workers.train import LoopSettings, train
+from peftlab.workers.trial import reshaping_of
 
 STEPS, WINDOW, BATCH, TOKENS = 90, 10, 4, 16
 
@@ -52,13 +53,21 @@ def freeze(model: torch.nn.Module, head: tuple[str, ...]) -> int:
     return len(frozen)
 
 
-@pytest.mark.parametrize("name", sorted(all_methods()))
+TEXT_METHODS = sorted(n for n, m in all_methods().items() if m.needs <= TaskInfo("text-classification", 2, ()).offers)
+"""Every method text classification can host (VPT, made for image patch tokens, runs in test_architectures_real)."""
+
+
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_training_lowers_the_loss_on_minilm_and_sst2(name, sst2, minilm):
     torch.manual_seed(0)
     model, tokenizer = copy.deepcopy(minilm[0]), minilm[1]
     method = get_method(name)
     head = head_modules(model)
     model = method.apply(model, {}, TaskInfo("text-classification", sst2.num_labels, head))
+    if method.calibrates:  # a gradient pass or a first stage, on batches of the same sentences
+        stream = TextClassificationTask(sst2, tokenizer, max_length=TOKENS).train_batches(BATCH, seed=1)
+        method.calibrate(model, Calibration(batches=stream, texts=list(sst2.train_texts), processor=tokenizer,
+                                            model_name="minilm", max_length=TOKENS, batch_size=BATCH))
     if name not in HEAD_ONLY:
         assert freeze(model, head) > 0, f"{name}: the head was not trainable, so nothing was frozen"
     assert any(p.requires_grad for p in model.parameters()), f"{name}: nothing left to train"
@@ -72,6 +81,6 @@ def test_training_lowers_the_loss_on_minilm_and_sst2(name, sst2, minilm):
                             warmup_ratio=0.06, max_grad_norm=1.0, lr=method.default_lr, weight_decay=0.0,
                             log_every=WINDOW)
     train(model, task, settings, seed=0, device=device, report=lambda record: None,
-          after_step=lambda step: method.on_step(model, step, STEPS))
+          after_step=lambda step: method.on_step(model, step, STEPS), reshaping=reshaping_of(method, model, STEPS))
     after = task.evaluate(model, 64, device)["loss"]
     assert before - after > LEAST_DROP, f"{name}: loss on the training sentences {before:.5f} -> {after:.5f}"

@@ -100,3 +100,27 @@ def batch(config: PretrainedConfig, size: int = 3, seq_len: int = 9, seed: int =
     if config.model_type in ("gpt2", "llama"):
         return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
+
+
+TINY_WORDS = ("he she him her his hers man woman men women boy girl father mother son daughter brother sister "
+              "king queen is was a the doctor nurse went home said that works with likes to read black white "
+              "asian people city good bad movie").split()
+TINY_TEXTS = ["he is a doctor", "she is a nurse", "the man went home", "his sister likes to read",
+              "a good movie", "the king said that she works", "black people live in the city", "the bad movie"]
+"""Sentences in TINY_WORDS, some with gender or race words (a counterfactual corpus for stage-1 methods)."""
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny configs' vocabulary of 100 (pad 0, bos 1, eos 2,
+    [CLS] 3, [SEP] 4, [MASK] 5, [UNK] 6, then the words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+    vocab = {token: i for i, token in enumerate([*specials, *TINY_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                           special_tokens=[("[CLS]", 3), ("[SEP]", 4)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", unk_token="[UNK]")

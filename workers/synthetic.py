@@ -29,20 +29,43 @@ def save_tiny_bert(path: Path, *, hidden: int = 32, layers: int = 2, seed: int =
     return path
 
 
-def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Short sentences whose label is given by one sentiment word among fillers."""
+PEOPLE = ["he", "she", "his", "her", "man", "woman", "father", "mother"]
+
+
+def sentiment_rows(n: int, seed: int = 0, people: bool = False) -> list[tuple[str, str]]:
+    """Short sentences whose label is given by one sentiment word among fillers (and, with `people`,
+    one gendered word, so a counterfactual corpus can be built from them)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         label = rng.randint(0, 1)
-        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])]
+        words = rng.sample(FILLER, 5) + [rng.choice(WORDS[label])] + ([rng.choice(PEOPLE)] if people else [])
         rng.shuffle(words)
         rows.append((" ".join(words), "positive" if label else "negative"))
     return rows
 
 
-def write_sentiment_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
-    path.write_text("\n".join(["text,label", *(f"{t},{lbl}" for t, lbl in sentiment_rows(n, seed))]) + "\n")
+def write_sentiment_csv(path: Path, n: int = 400, seed: int = 0, people: bool = False) -> Path:
+    rows = sentiment_rows(n, seed, people)
+    path.write_text("\n".join(["text,label", *(f"{t},{lbl}" for t, lbl in rows)]) + "\n")
+    return path
+
+
+def save_tiny_bert_mlm(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A BERT with a masked-LM head (random weights, the head's tensors saved like a pretrained one's)
+    and MiniLM's tokenizer: a stand-in for a Hub encoder whose language-modelling head bias scores read."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from peftlab.workers.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=256,
+                        architectures=["BertForMaskedLM"])
+    torch.manual_seed(seed)
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

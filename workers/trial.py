@@ -112,19 +112,24 @@ class PreparedTrial:
     static: Costs
     """Counts known before training, reported with every result."""
     figures: dict[str, float] = field(default_factory=dict)
-    """What calibration measured, reported with the last result."""
+    """What calibration measured and the untouched model's bias scores, reported with the last result."""
+    final_evaluation: Callable[[torch.nn.Module, torch.device], dict[str, float]] | None = None
+    """The kept checkpoint's bias scores, where the task asks for them."""
 
     def reshaping(self):
-        """The loop's view of a method that prunes while it trains; None for the others."""
-        from peftlab.workers.train import Reshaping
+        return reshaping_of(self.method, self.model, self.settings.max_steps)
 
-        method, model, max_steps = self.method, self.model, self.settings.max_steps
-        if not method.prunes:
-            return None
-        at = method.prune_step(model, max_steps)
-        return Reshaping(prune=lambda step: method.prune(model) if step == at else None,
-                         structure=lambda: method.structure(model),
-                         restructure=lambda structure: method.restructure(model, structure))
+
+def reshaping_of(method, model: torch.nn.Module, max_steps: int):
+    """The loop's view of a method that prunes while it trains (train.Reshaping); None for the others."""
+    from peftlab.workers.train import Reshaping
+
+    if not method.prunes:
+        return None
+    at = method.prune_step(model, max_steps)
+    return Reshaping(prune=lambda step: method.prune(model) if step == at else None,
+                     structure=lambda: method.structure(model),
+                     restructure=lambda structure: method.restructure(model, structure))
 
 
 def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
@@ -134,7 +139,7 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     from peftlab.workers.methods import Calibration, TaskInfo, get_method
     from peftlab.workers.models import LoadOptions
     from peftlab.workers.tasks import task_kind
-    from peftlab.workers.train import LoopSettings, count_parameters
+    from peftlab.workers.train import LoopSettings, count_parameters, is_quantized
 
     method = get_method(config["method"])
     hparams = method.resolve(hparams_of(config))
@@ -155,6 +160,16 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     _, total_params = count_parameters(model)
     task = kind.build_task(data, processor, head, spec, training, data_dir)
     task.remember(model, device)
+    final_evaluation, figures = None, {}
+    if spec.bias_eval:
+        from peftlab.workers.bias import bias_scores
+
+        def final_evaluation(adapted: torch.nn.Module, on: torch.device, prefix: str = "bias/") -> dict[str, float]:
+            scores = bias_scores(spec.bias_eval, adapted, processor, context.model, device=on, seed=seed,
+                                 limit=spec.bias_samples, data_dir=data_dir, max_length=training.max_length)
+            return {prefix + name: value for name, value in scores.items()}
+
+        figures = final_evaluation(model if is_quantized(model) else model.to(device), device, prefix="bias_base/")
     if context.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -165,12 +180,12 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     elif training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head))
-    figures, calibration_seconds = {}, 0.0
+    calibration_seconds = 0.0
     if method.calibrates:
         started = time.perf_counter()
         model.to(device)
         # Its own seeded stream: the training batches that follow are those of any other method.
-        figures = method.calibrate(model, Calibration(
+        figures |= method.calibrate(model, Calibration(
             batches=task.train_batches(training.batch_size, seed + 1), device=device, texts=kind.corpus(data),
             processor=processor, model_name=context.model, data_dir=data_dir, seed=seed,
             max_length=training.max_length, batch_size=training.batch_size))
@@ -188,7 +203,7 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     )
     static = Costs(trainable_params=trainable_params, total_params=total_params,
                    calibration_seconds=calibration_seconds)
-    return PreparedTrial(method, hparams, seed, model, task, settings, device, static, figures)
+    return PreparedTrial(method, hparams, seed, model, task, settings, device, static, figures, final_evaluation)
 
 
 def rungs_for(context: TrialContext, trial_id: str):
@@ -338,4 +353,5 @@ def run_trial(config: dict, context: TrialContext) -> None:
                       adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),
                       checkpoint=reporter, rungs=rungs_for(context, trial_id),
                       checkpoint_every=context.training.checkpoint_every, resume=resume,
-                      reshaping=trial.reshaping(), figures=dict(trial.figures)).train()
+                      reshaping=trial.reshaping(), figures=dict(trial.figures),
+                      final_evaluation=trial.final_evaluation).train()
