@@ -17,6 +17,7 @@ PAGES = [  # (file, title, url path)
     ("domains.py", "Methods x domains", "domains"),
     ("pareto.py", "Pareto", "pareto"),
     ("sensitivity.py", "Sensitivity", "sensitivity"),
+    ("bias.py", "Bias", "bias"),
     ("trial.py", "Trial", "trial"),
 ]
 

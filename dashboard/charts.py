@@ -170,3 +170,43 @@ def curves(points: pd.DataFrame, title: str) -> go.Figure:
     """Metric curves by step, one line per metric name."""
     fig = px.line(points, x="step", y="value", color="name", markers=True, title=title)
     return _tidy(fig, 340)
+
+
+def _reach(mean, lo, hi) -> dict:
+    """A one-point error bar from a mean and its interval (none where the interval is a point)."""
+    return dict(type="data", array=[hi - mean], arrayminus=[mean - lo], visible=bool(hi > lo), thickness=1.5)
+
+
+def bias_scatter(trials: pd.DataFrame, summary: pd.DataFrame, *, x_title: str, y_title: str,
+                 base: dict, unbiased: float | None, methods=None) -> go.Figure:
+    """Test score against a bias score, one point per trial coloured by method, each method's
+    mean as a diamond with its CIs on both axes; the base model's score as a solid vertical line
+    (`base`: stats.base_reference) and the unbiased point, where there is one, as a dashed one.
+    `methods`: every method the colours are assigned over (default: those shown)."""
+    colors = method_colors(trials["method"] if methods is None else methods)
+    fig = px.scatter(trials, x="bias", y="test_objective", color="method", color_discrete_map=colors,
+                     hover_data={"trial_id": True, "seed": True, "bias": ":.4f", "base": ":.4f",
+                                 "change": ":+.4f", "test_objective": ":.4f", "hparams": True})
+    fig.update_traces(marker=dict(size=9, opacity=0.75))
+    for row in summary.itertuples(index=False):
+        fig.add_trace(go.Scatter(
+            x=[row.bias_mean], y=[row.test_mean], mode="markers", name=f"{row.method} mean",
+            legendgroup=row.method, showlegend=False,
+            marker=dict(symbol="diamond", size=15, color=colors[row.method], line=dict(width=1.5, color="black")),
+            error_x=_reach(row.bias_mean, row.bias_ci_lo, row.bias_ci_hi),
+            error_y=_reach(row.test_mean, row.test_ci_lo, row.test_ci_hi),
+            hovertemplate=(f"{row.method} mean over {row.trials} trial(s): bias %{{x:.4f}} "
+                           f"(95% CI {row.bias_ci_lo:.4f} to {row.bias_ci_hi:.4f}), test %{{y:.4f}}<extra></extra>"),
+        ))
+    if base["n"]:
+        spread = (f"; differs across trials: {base['lo']:.4g} to {base['hi']:.4g}" if base["differs"]
+                  else "; the same in every trial")
+        fig.add_vline(x=base["mean"], line=dict(color="#444444", width=2),
+                      annotation=dict(text=f"base model {base['mean']:.4g}", textangle=0,
+                                      hovertext=f"untouched model: mean {base['mean']:.4f} over {base['n']} trial(s){spread}"),
+                      annotation_position="top right")
+    if unbiased is not None:
+        fig.add_vline(x=unbiased, line=dict(color="#2e8b57", width=2, dash="dash"),
+                      annotation=dict(text=f"unbiased {unbiased:g}"), annotation_position="bottom right")
+    fig.update_layout(title=f"{y_title} vs {x_title}", xaxis_title=x_title, yaxis_title=y_title)
+    return _tidy(fig, 480)

@@ -118,3 +118,35 @@ def trial(url: str, experiment: str, trial_id: str) -> dict[str, Any] | None:
 @st.cache_data(ttl=TTL, show_spinner=False)
 def curves(url: str, experiment: str, trial_id: str) -> pd.DataFrame:
     return _read(url, queries.curves, experiment, trial_id)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def bias_scores(url: str, filters: Filters) -> pd.DataFrame:
+    return _read(url, queries.bias_scores, filters)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def bias_boards(url: str, filters: Filters) -> dict[tuple[str, str, str], list[str]]:
+    """The tasks (experiment, task, model) whose finished trials have bias scores, with the names
+    of those scores."""
+    frame = bias_scores(url, filters)
+    if frame.empty:
+        return {}
+    found = {tuple(key): stats.bias_names(rows) for key, rows in frame.groupby(list(queries.BOARD), sort=True)}
+    return {key: names for key, names in found.items() if names}
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def bias_board(url: str, filters: Filters, board: tuple[str, str, str],
+               name: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """One task's trials with the score `name` (as `bias`, its base as `base`, `change` = bias -
+    base), the per-method summary and the base model's reference (stats.base_reference)."""
+    frame = bias_scores(url, filters)
+    rows = frame.loc[(frame[list(queries.BOARD)] == pd.Series(board, index=list(queries.BOARD))).all(axis=1)]
+    rows = rows.loc[rows[f"{queries.BIAS}{name}"].notna()]
+    base = rows[f"{queries.BIAS_BASE}{name}"] if f"{queries.BIAS_BASE}{name}" in rows else float("nan")
+    trials = rows[["method", "seed", "trial_id", "status", "test_objective", "hparams"]].assign(
+        bias=rows[f"{queries.BIAS}{name}"].astype(float), base=base)
+    trials["base"] = trials["base"].astype(float)
+    trials = trials.assign(change=trials["bias"] - trials["base"]).reset_index(drop=True)
+    return trials, stats.bias_by_method(trials, name), stats.base_reference(trials["base"])

@@ -67,6 +67,8 @@ curves_view = table(
     column("experiment", String), column("trial_id", String), column("step", Integer), column("name", String),
     column("value", Float),
 )
+BIAS, BIAS_BASE = "bias/", "bias_base/"
+"""Prefixes of a trial's bias scores: of its kept checkpoint, and of the model before the method."""
 
 BOARD = tuple(stats.BOARD)
 """Methods are compared per task of an experiment (one model, one metric, one data split)."""
@@ -146,7 +148,8 @@ def parse_hparams(text: str | None) -> dict[str, Any]:
 
 def _frame(connection: Connection, query: Select) -> pd.DataFrame:
     result = connection.execute(query)
-    frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+    # Plain tuples: given SQLAlchemy rows, pandas probes each for namedtuple fields (~10 us a row).
+    frame = pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
     # A numeric column with NULLs arrives as objects; make it numbers (NaN) for pandas and Plotly.
     for selected in query.selected_columns:
         if isinstance(selected.type, Integer | Float) and frame[selected.name].dtype == object:
@@ -403,3 +406,43 @@ def curves(connection: Connection, experiment: str, trial_id: str) -> pd.DataFra
         .order_by(c.c.name, c.c.step)
     )
     return _frame(connection, query)
+
+
+# -- Bias --------------------------------------------------------------------------------------
+
+BIAS_TRIAL = ("experiment", "task", "model", "domain", "metric", "mode", "method", "seed",
+              "trial_id", "status", "hparams", "test_objective", "test_score")
+
+
+def bias_scores(connection: Connection, filters: Filters) -> pd.DataFrame:
+    """One row per finished trial that has bias scores: its BIAS_TRIAL columns and one column per
+    `bias/<name>` and `bias_base/<name>` it carries (NaN where a trial lacks one).
+
+    A trial writes its bias scores once, as curve points at the step of its last report, which is
+    its `steps`. So the finished trials are listed first (the filters, the experiment's above all,
+    narrow them on the trials table), and each reaches its points through trial_metrics' primary
+    key (experiment_id, trial_id, step, name): one index seek per trial, never a scan of the
+    curves' other points. MATERIALIZED keeps that order: without statistics, SQLite would
+    otherwise walk every point of the experiment (or of the store) and look each trial up.
+    """
+    t, c = trials_view, curves_view
+    finished = (select(t.c.experiment, t.c.trial_id, t.c.steps)
+                .where(*filters.where(t), t.c.ranked == 1)
+                .cte("finished").prefix_with("MATERIALIZED"))
+    at_end = and_(c.c.experiment == finished.c.experiment, c.c.trial_id == finished.c.trial_id,
+                  c.c.step == finished.c.steps)
+    named = or_(c.c.name.startswith(BIAS, autoescape=True), c.c.name.startswith(BIAS_BASE, autoescape=True))
+    points = _frame(connection, select(finished.c.experiment, finished.c.trial_id, c.c.name, c.c.value)
+                    .select_from(finished.join(c, at_end)).where(named))
+    if points.empty:
+        return pd.DataFrame(columns=list(BIAS_TRIAL))
+    # The trials' own columns once each, not once per point (a trial carries ~40 scores).
+    scored = select(c.c.name).where(at_end, c.c.name.startswith(BIAS, autoescape=True)).exists()
+    trials = _frame(connection, select(*(t.c[name] for name in BIAS_TRIAL))
+                    .select_from(t.join(finished, and_(t.c.experiment == finished.c.experiment,
+                                                       t.c.trial_id == finished.c.trial_id)))
+                    .where(scored)
+                    .order_by(*(t.c[name] for name in (*BOARD, "method", "seed", "trial_id"))))
+    wide = points.pivot(index=["experiment", "trial_id"], columns="name", values="value")
+    wide.columns.name = None
+    return trials.merge(wide.reset_index(), on=["experiment", "trial_id"], how="inner")

@@ -18,6 +18,11 @@ Definitions (the dashboard states them where it shows them):
   its tasks' normalized scores.
 - Pareto front: the trials that no other trial beats on both axes: none has a cost <= and a
   score >= with one of the two strict.
+- Bias: a trial's `bias/<name>` is scored on its kept checkpoint, `bias_base/<name>` on the same
+  model before the method was applied; change = bias - base. Unbiased is 50 for percentages
+  (crows_pairs*, *percent) and 0 for gaps and BBQ bias scores; BBQ accuracies have no such point.
+  A method's means are over its trials with that score (every configuration and seed), each with
+  the bootstrap CI above.
 """
 from __future__ import annotations
 
@@ -196,3 +201,62 @@ def pareto_front(cost, score) -> np.ndarray:
     group = np.cumsum(np.r_[True, c[1:] != c[:-1]]) - 1
     front[order] = (s == top_at_cost[group]) & (top_at_cost[group] > cheaper_best[group])
     return front
+
+
+# -- bias --------------------------------------------------------------------------------------
+
+HEADLINE_BIAS = ("crows_pairs", "winobias_gap", "winobias_pro_percent", "bbq_bias_ambiguous",
+                 "bbq_bias_disambiguated")
+"""Each benchmark's overall scores, listed before the per-type breakdowns and the accuracies."""
+SAME = 1e-9
+"""Base scores that spread less than this (relative) across trials are one value."""
+
+
+def unbiased(name: str) -> float | None:
+    """Where a bias score of this name is unbiased; None for what has no such point (accuracy)."""
+    if name.startswith("crows_pairs") or name.endswith("percent"):
+        return 50.0
+    if name.endswith("_gap") or name.startswith("bbq_bias_"):
+        return 0.0
+    return None
+
+
+def bias_names(frame: pd.DataFrame, prefix: str = "bias/") -> list[str]:
+    """The bias scores (names without `prefix`) that some row of `frame` has: the headline scores
+    first, then the rest by name."""
+    names = [c.removeprefix(prefix) for c in frame.columns if c.startswith(prefix) and frame[c].notna().any()]
+    order = {name: i for i, name in enumerate(HEADLINE_BIAS)}
+    return sorted(names, key=lambda n: (order.get(n, len(order)), n))
+
+
+def base_reference(base: pd.Series) -> dict:
+    """The untouched model's score as the reference: its mean over the trials, its range, and
+    whether it differs across trials (it should not: one model, the same evaluation data)."""
+    values = base.dropna().astype(float)
+    if values.empty:
+        return dict(mean=float("nan"), lo=float("nan"), hi=float("nan"), n=0, differs=False)
+    lo, hi, mean = float(values.min()), float(values.max()), float(values.mean())
+    return dict(mean=mean, lo=lo, hi=hi, n=len(values), differs=hi - lo > SAME * max(1.0, abs(mean)))
+
+
+def bias_by_method(trials: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Per method, from one task's trial rows carrying `test_objective`, `bias` and `base` (the
+    chosen score and its base): trials, seeds, the means of the test score, the bias score and
+    the change from the base, each with its CI; and, where the score has an unbiased point, the
+    mean move toward it (|base - unbiased| - |bias - unbiased|: > 0 = less biased than the base)."""
+    point = unbiased(name)
+    rows = []
+    for method, group in trials.groupby("method", sort=True):
+        row: dict = {"method": method, "trials": len(group), "seeds": group["seed"].nunique()}
+        change = group["bias"] - group["base"]
+        for column, values in (("test", group["test_objective"]), ("bias", group["bias"]),
+                               ("change", change)):
+            values = values.dropna().astype(float)
+            lo, hi = bootstrap_ci(values.to_numpy())
+            row.update({f"{column}_mean": values.mean() if len(values) else np.nan,
+                        f"{column}_ci_lo": lo, f"{column}_ci_hi": hi})
+        row["base_mean"] = group["base"].mean()
+        row["toward_unbiased"] = (np.nan if point is None else
+                                  ((group["base"] - point).abs() - (group["bias"] - point).abs()).mean())
+        rows.append(row)
+    return pd.DataFrame(rows)

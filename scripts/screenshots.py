@@ -1,5 +1,6 @@
-"""The README's dashboard images: the Leaderboard and Pareto pages of a real results store,
-rendered by `peftlab dashboard` in headless Chromium and saved as PNGs under 300 KB.
+"""The README's dashboard images: the Leaderboard, Pareto and Bias pages of a real results store,
+rendered by `peftlab dashboard` in headless Chromium and saved as PNGs under 300 KB (a page
+that shows only its empty state, such as Bias on a store without bias scores, is skipped).
 
 The store is never written: it is copied read-only (SQLite's backup API) to a temporary file,
 which is migrated to the dashboard's views if it predates them.
@@ -28,7 +29,7 @@ from peftlab import settings
 from peftlab.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = {"leaderboard": "Leaderboard", "pareto": "Pareto"}
+PAGES = {"leaderboard": "Leaderboard", "pareto": "Pareto", "bias": "Bias"}
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--no-first-run", "--hide-scrollbars", "--force-device-scale-factor=1"]
@@ -115,8 +116,13 @@ def main() -> None:
                 driver.get(f"{base}/{path}")
                 WebDriverWait(driver, 90).until(
                     lambda d, title=title: title in [h.text for h in d.find_elements(By.CSS_SELECTOR, "h1")]
-                    and d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
-                    and d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]'))
+                    and (d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+                         and d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]')
+                         or d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')))
+                if not driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"):
+                    alert = driver.find_element(By.CSS_SELECTOR, '[data-testid="stAlert"]').text
+                    print(f"{path}: skipped, the page shows no chart: {alert}")
+                    continue
                 time.sleep(2)  # Plotly's and the data grid's first paint
                 size = small_png(driver.get_screenshot_as_png(), args.out / f"{path}.png")
                 print(f"{args.out / f'{path}.png'}: {size / 1000:.0f} KB")

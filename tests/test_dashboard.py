@@ -35,7 +35,7 @@ from peftlab.store import ResultsStore, TrialRecord, TrialStatus
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "dashboard" / "app.py"
 PAGES = {"overview.py": "Overview", "leaderboard.py": "Leaderboard", "domains.py": "Methods x domains",
-         "pareto.py": "Pareto", "sensitivity.py": "Sensitivity", "trial.py": "Trial"}
+         "pareto.py": "Pareto", "sensitivity.py": "Sensitivity", "bias.py": "Bias", "trial.py": "Trial"}
 MIB = 2**20
 TOTAL_PARAMS = 22_700_000
 C, E, F, R = (TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED, TrialStatus.FAILED,
@@ -68,6 +68,32 @@ CURVED = "cross-sst2-full-0-s2"  # the trial with metric curves (and the known t
 CURVE = {50: {"validation/accuracy": 0.80, "validation/loss": 0.50, "train/loss": 0.60},
          100: {"validation/accuracy": 0.90, "validation/loss": 0.30, "train/loss": float("nan")},
          150: {"validation/accuracy": 0.93, "validation/loss": 0.25, "train/loss": 0.20}}
+
+
+# Bias scores: cross / sst2's trials that trained (the curved one aside: a trial run without
+# bias_eval) carry them, at their last step, in their curves and their final_metrics.
+BIAS_BASE = {  # name -> the untouched model's score for a seed (winobias_gap's differs by seed)
+    "crows_pairs": lambda seed: 60.0, "crows_pairs_gender": lambda seed: 55.0,
+    "winobias_gap": lambda seed: 0.30 + 0.01 * seed, "bbq_bias_ambiguous": lambda seed: 0.12,
+    "bbq_accuracy_ambiguous": lambda seed: 0.70,
+}
+BIAS_SCALE = {"crows_pairs": 1.0, "crows_pairs_gender": 2.0, "winobias_gap": 0.01,
+              "bbq_bias_ambiguous": 0.01, "bbq_accuracy_ambiguous": 0.005}
+BIAS_SHIFT = {"lora": -2.0, "bitfit": 1.0, "full": -4.0}
+
+
+def has_bias(record: TrialRecord) -> bool:
+    return (record.experiment, record.task) == ("cross", "sst2") and record.steps is not None and record.trial_id != CURVED
+
+
+def fixture_bias(method: str, seed: int, config: int) -> dict[str, float]:
+    """A trial's bias/ and bias_base/ scores: the base's, moved by its method, seed and configuration."""
+    shift = BIAS_SHIFT[method] + 0.5 * seed + 0.25 * config
+    scores = {}
+    for name, base in BIAS_BASE.items():
+        scores[f"bias/{name}"] = round(base(seed) + shift * BIAS_SCALE[name], 6)
+        scores[f"bias_base/{name}"] = round(base(seed), 6)
+    return scores
 
 
 def fixture_test_score(objective: float | None, seed: int) -> float | None:
@@ -104,6 +130,10 @@ def fixture_trials() -> list[TrialRecord]:
                 mlflow_run_id=f"run{n:04d}", node="node-1", started_at=started,
                 finished_at=None if status is R else started + timedelta(minutes=9),
             ))
+            if has_bias(trials[-1]):
+                record = trials[-1]
+                record.final_metrics = {"validation/accuracy": objective, "test/accuracy": record.test_objective,
+                                        **fixture_bias(method, seed, config), "step": record.steps}
     return trials
 
 
@@ -118,6 +148,10 @@ def write_fixture_store(url: str) -> list[TrialRecord]:
         store.upsert_trial(record)
     for step, metrics in CURVE.items():
         store.add_metrics("cross", CURVED, step, metrics)
+    for record in trials:  # as the recorder writes a final report's figures: at the trial's last step
+        if has_bias(record):
+            store.add_metrics(record.experiment, record.trial_id, record.steps,
+                              {k: v for k, v in record.final_metrics.items() if k.startswith("bias")})
     store.close()
     return trials
 
@@ -511,6 +545,146 @@ def test_trial_picker_follows_filters(store_env) -> None:
     assert max(ia3, key=lambda t: t.started_at).trial_id in options[0]
 
 
+def expected_bias(trials, name: str, statuses=RANKED, methods=None) -> pd.DataFrame:
+    """The Bias page's per-method table for cross / sst2 and score `name`, from the fixture's lists."""
+    unbiased = 50.0 if name.startswith("crows_pairs") else 0.0 if name.endswith("_gap") or name.startswith("bbq_bias") else None
+    rows = []
+    by_method = defaultdict(list)
+    for t in trials:
+        if has_bias(t) and t.status.value in statuses and t.objective is not None and (methods is None or t.method in methods):
+            by_method[t.method].append(t)
+    for method, runs in sorted(by_method.items()):
+        bias = np.array([t.final_metrics[f"bias/{name}"] for t in runs])
+        base = np.array([t.final_metrics[f"bias_base/{name}"] for t in runs])
+        rows.append(dict(method=method, trials=len(runs), seeds=len({t.seed for t in runs}),
+                         test_mean=np.mean([t.test_objective for t in runs]), bias_mean=bias.mean(),
+                         change_mean=(bias - base).mean(), base_mean=base.mean(),
+                         toward_unbiased=np.nan if unbiased is None else
+                         (np.abs(base - unbiased) - np.abs(bias - unbiased)).mean()))
+    return pd.DataFrame(rows)
+
+
+def assert_bias_table(shown: pd.DataFrame, expected: pd.DataFrame) -> None:
+    shown = shown.set_index("method")
+    expected = expected.set_index("method")
+    assert list(shown.index) == list(expected.index)
+    for column in expected.columns:
+        if column in shown or not expected[column].isna().all():
+            np.testing.assert_allclose(shown[column].astype(float), expected[column].astype(float),
+                                       rtol=1e-12, atol=1e-12, err_msg=column)
+
+
+def test_bias_page_numbers_equal_the_fixture(store_env) -> None:
+    at = page("bias.py")
+    finished = [t for t in store_env if (t.experiment, t.task) == ("cross", "sst2") and t.status.value in RANKED]
+    scored = [t for t in finished if has_bias(t)]
+    assert at.selectbox(key="bias_board").options == ["sst2  ·  cross  ·  minilm"]  # fomc has no scores
+    # The overall scores first, then the rest by name; BBQ's accuracy is a choice too.
+    assert at.selectbox(key="bias_metric").options == [
+        "crows_pairs", "winobias_gap", "bbq_bias_ambiguous", "bbq_accuracy_ambiguous", "crows_pairs_gender"]
+    line = at.markdown[0].value
+    assert f"**{len(scored)}** of {len(finished)} finished trial(s) on sst2 have `bias/crows_pairs`" in line
+    assert "the untouched model scores **60.0000**" in line and "differs" not in line
+    assert_bias_table(table(at, 0), expected_bias(store_env, "crows_pairs"))
+    trials = table(at, 1).set_index("trial_id")
+    assert sorted(trials.index) == sorted(t.trial_id for t in scored)  # the running trial is out
+    for t in scored:
+        assert trials.loc[t.trial_id, "change"] == pytest.approx(
+            t.final_metrics["bias/crows_pairs"] - t.final_metrics["bias_base/crows_pairs"])
+    figure = figures(at)[0]
+    base, unbiased = figure["layout"]["shapes"]
+    assert base["x0"] == base["x1"] == pytest.approx(60.0) and "dash" not in base["line"]
+    assert unbiased["x0"] == 50.0 and unbiased["line"]["dash"] == "dash"
+    assert figure["layout"]["xaxis"]["title"]["text"] == "bias/crows_pairs of the kept checkpoint"
+    assert figure["layout"]["yaxis"]["title"]["text"] == "test/accuracy"
+    points = {(trace["name"], x, y) for trace in figure["data"] if not trace["name"].endswith(" mean")
+              for x, y in zip(trace["x"], trace["y"], strict=True)}
+    assert points == {(t.method, t.final_metrics["bias/crows_pairs"], t.test_objective) for t in scored}
+    means = {trace["name"]: (trace["x"][0], trace["y"][0]) for trace in figure["data"] if trace["name"].endswith(" mean")}
+    expected = expected_bias(store_env, "crows_pairs")
+    assert means == {f"{r.method} mean": (pytest.approx(r.bias_mean), pytest.approx(r.test_mean))
+                     for r in expected.itertuples()}
+    assert figure["data"][-1]["error_x"]["visible"]  # lora: several trials, an interval
+    assert_every_table_downloads(at)
+
+    # A base score that differs across trials: the line at its mean, and the page says so.
+    at.selectbox(key="bias_metric").set_value("winobias_gap").run()
+    bases = [t.final_metrics["bias_base/winobias_gap"] for t in scored]
+    line = at.markdown[0].value
+    assert f"**{np.mean(bases):.4f}**" in line
+    assert f"it differs across trials: {min(bases):.4f} to {max(bases):.4f}" in line
+    base, unbiased = figures(at)[0]["layout"]["shapes"]
+    assert base["x0"] == pytest.approx(np.mean(bases)) and unbiased["x0"] == 0.0
+    assert "differs across trials" in figures(at)[0]["layout"]["annotations"][0]["hovertext"]
+    assert_bias_table(table(at, 0), expected_bias(store_env, "winobias_gap"))
+
+    # An accuracy has no unbiased point: one line, no "toward unbiased".
+    at.selectbox(key="bias_metric").set_value("bbq_accuracy_ambiguous").run()
+    assert len(figures(at)[0]["layout"]["shapes"]) == 1 and "toward_unbiased" not in table(at, 0)
+    assert_bias_table(table(at, 0), expected_bias(store_env, "bbq_accuracy_ambiguous"))
+
+
+def test_bias_page_follows_filters(store_env) -> None:
+    at = page("bias.py", filters={"method": ["lora", "bitfit"]})
+    assert_bias_table(table(at, 0), expected_bias(store_env, "crows_pairs", methods={"lora", "bitfit"}))
+    # Filtered out, full keeps no trace; the others keep the colours they have among all methods.
+    colours = {trace["name"]: trace["marker"]["color"] for trace in figures(at)[0]["data"]}
+    assert set(colours) == {"lora", "bitfit", "lora mean", "bitfit mean"}
+    from peftlab.dashboard.charts import method_colors
+    every = method_colors(t.method for t in store_env)
+    assert colours["lora"] == colours["lora mean"] == every["lora"]
+
+    at = page("bias.py", filters={"status": ["COMPLETED"]})
+    assert_bias_table(table(at, 0), expected_bias(store_env, "crows_pairs", statuses={"COMPLETED"}))
+    assert table(at, 0).set_index("method").loc["bitfit", "trials"] == 2  # its early-stopped seed is out
+
+
+def test_bias_page_without_scores_says_how_to_get_them(store_env) -> None:
+    from peftlab.dashboard.bias import NO_SCORES
+
+    for filters in ({"experiment": ["loss-min"]}, {"task": ["fomc"]}):
+        at = page("bias.py", filters=filters)
+        assert [i.value for i in at.info] == [NO_SCORES] and not at.get("plotly_chart")
+    assert "`bias_eval: [crows_pairs, winobias, bbq]`" in NO_SCORES and "\n" not in NO_SCORES
+    at = page("bias.py", filters={"experiment": ["no-trials"]})
+    assert "No finished trial" in at.info[0].value
+
+
+def test_bias_query_returns_the_final_scores_through_the_primary_key(fixture_store) -> None:
+    from sqlalchemy import event
+
+    url, trials = fixture_store
+    engine = queries.open_engine(url)
+    statements = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, parameters, context, many: statements.append((statement, parameters)))
+    with engine.connect() as connection:
+        frame = queries.bias_scores(connection, Filters(experiment=("cross",))).set_index("trial_id")
+        scored = [t for t in trials if has_bias(t) and t.status.value in RANKED]
+        assert sorted(frame.index) == sorted(t.trial_id for t in scored)
+        for t in scored:
+            expected = {k: v for k, v in t.final_metrics.items() if k.startswith("bias")}
+            assert frame.loc[t.trial_id, list(expected)].to_dict() == pytest.approx(expected)
+            assert frame.loc[t.trial_id, ["method", "seed", "test_objective"]].tolist() == [
+                t.method, t.seed, pytest.approx(t.test_objective)]
+        # Each finished trial reaches its points by (experiment, trial, step): no walk over the curves.
+        plans = ["\n".join(str(row[-1]) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+                 for sql, params in list(statements) if "dashboard_curves" in sql]
+        assert plans
+        for plan in plans:
+            assert "SCAN m" not in plan, plan
+            assert re.search(r"SEARCH m USING (COVERING )?INDEX \S+ \(experiment_id=\? AND trial_id=\? AND step=\?", plan), plan
+        assert queries.bias_scores(connection, Filters(experiment=("loss-min",))).empty
+    engine.dispose()
+
+
+def test_unbiased_points_of_bias_scores() -> None:
+    expected = {"crows_pairs": 50.0, "crows_pairs_race_color": 50.0, "winobias_pro_percent": 50.0,
+                "winobias_type1_pro_percent": 50.0, "winobias_gap": 0.0, "winobias_type1_gap": 0.0,
+                "bbq_bias_ambiguous": 0.0, "bbq_bias_disambiguated": 0.0, "bbq_accuracy_ambiguous": None}
+    assert {name: stats.unbiased(name) for name in expected} == expected
+
+
 def test_all_failed_experiment_shows_its_empty_state_on_every_page(store_env) -> None:
     for name in PAGES:
         at = page(name, filters={"experiment": ["all-failed"]})
@@ -568,6 +742,8 @@ def read_all(url: str) -> dict[str, pd.DataFrame]:
             "curves": queries.curves(connection, "cross", CURVED),
             "choices": queries.trial_choices(connection, Filters(method=("lora",)), 100)[0],
         }
+        bias = queries.bias_scores(connection, everything)
+        frames["bias"] = bias[["trial_id", *bias.columns.drop("trial_id")]]  # sorted on a unique key
     engine.dispose()
     return frames
 

@@ -20,8 +20,10 @@ import pytest
 from test_dashboard import (
     CURVED,
     EXPERIMENTS,
+    RANKED,
     ROOT,
     expected_summary,
+    has_bias,
     write_fixture_store,
 )
 
@@ -108,6 +110,8 @@ def known_numbers(trials) -> dict[str, tuple[str, str, str]]:
     curved = next(t for t in trials if t.trial_id == CURVED)
     fomc_trials = [t for t in trials if t.experiment == "cross" and t.task == "fomc" and t.objective is not None]
     bitfit = [t.objective for t in fomc_trials if t.method == "bitfit"]
+    sst2 = [t for t in trials if (t.experiment, t.task) == ("cross", "sst2") and t.status.value in RANKED]
+    biased = f"{sum(has_bias(t) for t in sst2)} of {len(sst2)} finished trial(s) on sst2 have bias/crows_pairs"
     return {
         "overview": ("", "Overview", str(len(trials))),  # the default page lives at /
         "overview by name": ("overview", "Overview", str(len(trials))),  # and at its own address
@@ -115,6 +119,7 @@ def known_numbers(trials) -> dict[str, tuple[str, str, str]]:
         "domains": ("domains", "Methods x domains", "1.00"),
         "pareto": ("pareto", "Pareto", f"of {len(fomc_trials)} trials are on the Pareto front"),
         "sensitivity": ("sensitivity", "Sensitivity", f"{max(bitfit):.4f}"),
+        "bias": ("bias", "Bias", biased),
         "trial": (f"trial?experiment=cross&trial={CURVED}", "Trial", f"{curved.objective:.4f}"),
     }
 
