@@ -131,7 +131,10 @@ def preflight(spec: ExperimentSpec, *, source: str | None = None, data_reports: 
                     problems.append(f"methods.{name}: {problem} (on tasks[{i}], {task.label})")
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
-    return fit_budgets(spec, models) if spec.budget is not None else []
+    try:
+        return fit_budgets(spec, models) if spec.budget is not None else []
+    except UserError as exc:  # a budget a method cannot meet: a problem of this spec
+        raise SpecError([str(exc)], source=source) from None
 
 
 def _variants(leaves: dict) -> list[dict]:

@@ -1,5 +1,5 @@
 """The seed methods in real trials on the other architectures: a ViT (built from a config) on real
-BreastMNIST images and a Llama-style decoder on instruction pairs, through the trial's own
+BreastMNIST images and a Llama-style decoder on real SST-2 sentences as instruction pairs, through the trial's own
 preparation (task type, model loading, head, method) and training loop.
 
 Each trial's loss on its 64 training examples, in eval mode, must fall after 30 steps while the new
@@ -13,7 +13,7 @@ import torch
 
 from peftlab.spec import parse_spec
 from peftlab.workers.train import LoopSettings, train
-from peftlab.workers.trial import TrialContext, prepare_trial
+from peftlab.workers.trial import TrialContext, prepare_trial, reshaping_of
 from test_methods_real import freeze
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -25,8 +25,14 @@ SEED_METHODS = {
     "houlsby": {"bottleneck": 8}, "adaptformer": {"bottleneck": 8, "scale": 1.0},
 }
 """Sized for the 32-wide tiny models (bone's blocks must divide every target layer)."""
-VIT_METHODS = {**SEED_METHODS, "vpt": {"num_tokens": 4}, "vpt-deep": {"num_tokens": 4, "deep": True}}
+DATA_DRIVEN = {"gps": {"k": 2, "calibration_batches": 4}, "spt": {"params": 2000, "r": 2, "calibration_batches": 4},
+               "light_peft": {"r": 4, "estimation_steps": 10}}
+"""The methods that calibrate on the training batches or prune while training, sized for the same models."""
+VIT_METHODS = {**SEED_METHODS, **DATA_DRIVEN, "vpt": {"num_tokens": 4}, "vpt-deep": {"num_tokens": 4, "deep": True}}
 """The seed methods plus those made for ViTs alone (VPT needs patch tokens); "name-variant" ids run `name`."""
+DECODER_METHODS = {**SEED_METHODS, **DATA_DRIVEN, "prompt_tuning": {"num_virtual_tokens": 4},
+                   "peft_debias": {"r": 4, "debias_steps": 10, "debias_batch_size": 8}}
+"""On the decoder too: prompt tuning and PEFTDebias (its first stage under next-token loss)."""
 LR = {"ether": 1e-2, "ether_plus": 1e-2, "ia3": 3e-2, "houlsby": 1e-2, "adaptformer": 1e-2, "bone": 1e-2, "vpt": 1e-2}
 
 
@@ -63,7 +69,8 @@ def lowers_the_loss(trial, head: tuple[str, ...]) -> tuple[float, float]:
     settings = LoopSettings(max_steps=STEPS, batch_size=16, eval_batch_size=64, eval_every=STEPS, warmup_ratio=0.0,
                             max_grad_norm=1.0, lr=trial.hparams["lr"], weight_decay=0.0)
     train(trial.model, trial.task, settings, seed=0, device=trial.device,
-          after_step=lambda step: trial.method.on_step(trial.model, step, STEPS))
+          after_step=lambda step: trial.method.on_step(trial.model, step, STEPS),
+          reshaping=reshaping_of(trial.method, trial.model, STEPS))
     return before, loss_on(trial.model, batch)
 
 
@@ -78,11 +85,12 @@ def test_on_a_vit_with_real_images(variant, vit_dir, data_dir):
     assert after < before - 1e-4, f"{variant} on a ViT: {before:.5f} -> {after:.5f}"
 
 
-@pytest.mark.parametrize("method", sorted({*SEED_METHODS, "prompt_tuning"}))
-def test_on_a_llama_style_decoder(method, tiny_llama_dir, instructions_jsonl, data_dir):
+@pytest.mark.parametrize("method", sorted(DECODER_METHODS))
+def test_on_a_llama_style_decoder(method, tiny_llama_dir, data_dir):
+    # Real SST-2 sentences as instructions: the sentence and the question, the label's name as the answer.
     spec = {"name": "t", "model": str(tiny_llama_dir),
-            "tasks": [{"type": "causal-lm", "dataset": str(instructions_jsonl), "max_train_samples": 64,
-                       "max_eval_samples": 16}], "training": {"max_length": 32}}
-    trial = prepared(spec, method, SEED_METHODS.get(method, {"num_virtual_tokens": 4}), data_dir)
+            "tasks": [{"type": "causal-lm", "dataset": "sst2", "max_train_samples": 64,
+                       "max_eval_samples": 16}], "training": {"max_length": 48}}
+    trial = prepared(spec, method, DECODER_METHODS[method], data_dir)
     before, after = lowers_the_loss(trial, ())
     assert after < before - 1e-4, f"{method} on a Llama-style decoder: {before:.5f} -> {after:.5f}"

@@ -110,6 +110,14 @@ def test_limit_takes_a_seeded_subset(bias_dir):
     assert len(load_bbq(bias_dir, limit=15).questions.labels) == 15
 
 
+def test_bbq_leaves_out_the_contexts_a_model_trained_on(bias_dir):
+    whole = load_bbq(bias_dir, categories=["Age"])
+    seen = set(whole.questions.contexts[:50])
+    rest = load_bbq(bias_dir, categories=["Age"], unseen_by=seen)
+    assert not seen & set(rest.questions.contexts)
+    assert len(rest.questions.labels) == len(whole.questions.labels) - sum(c in seen for c in whole.questions.contexts)
+
+
 def test_missing_data_names_the_path_and_variable(tmp_path):
     with pytest.raises(UserError, match=rf"{tmp_path}/bias/crows_pairs not found .*PEFTLAB_DATA_DIR"):
         load_crows_pairs(tmp_path)

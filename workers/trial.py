@@ -164,9 +164,12 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     if spec.bias_eval:
         from peftlab.workers.bias import bias_scores
 
+        trained_on = set(kind.corpus(data))
+
         def final_evaluation(adapted: torch.nn.Module, on: torch.device, prefix: str = "bias/") -> dict[str, float]:
             scores = bias_scores(spec.bias_eval, adapted, processor, context.model, device=on, seed=seed,
-                                 limit=spec.bias_samples, data_dir=data_dir, max_length=training.max_length)
+                                 limit=spec.bias_samples, data_dir=data_dir, max_length=training.max_length,
+                                 trained_on=trained_on)
             return {prefix + name: value for name, value in scores.items()}
 
         figures = final_evaluation(model if is_quantized(model) else model.to(device), device, prefix="bias_base/")

@@ -140,12 +140,15 @@ def answer_roles(answer_info: dict, stereotyped_groups: list[str], polarity: str
 
 
 def load_bbq(data_dir: Path | None = None, *, categories: list[str] | None = None, limit: int | None = None,
-             seed: int = 0) -> BbqSet:
+             seed: int = 0, unseen_by: set[str] | None = None) -> BbqSet:
     """BBQ (Parrish et al. 2022): every category file present (or `categories`), read by the
-    multiple-choice task's own loader."""
+    multiple-choice task's own loader; without the questions whose context is in `unseen_by` (the
+    contexts a model trained on, when its task is BBQ itself)."""
     root = folder("bbq", data_dir)
     spec = MultipleChoiceSpec(dataset="bbq", categories=categories)
     frame = _bbq_frames(spec, data_dir)
+    if unseen_by:
+        frame = frame[~frame["context"].isin(unseen_by)].reset_index(drop=True)
     frame = frame.iloc[subset(len(frame), limit, seed)].reset_index(drop=True)
     questions = _questions(frame, _columns(spec, True), ["ans0", "ans1", "ans2"], f"bbq ({root})")
     roles = [answer_roles(info, meta["stereotyped_groups"], polarity) for info, meta, polarity in

@@ -202,11 +202,12 @@ def bias_problems(evals: Sequence[str], model_name: str, task_type: str, *,
 
 def bias_scores(evals: Sequence[str], model: nn.Module, tokenizer, model_name_or_config, *,
                 device: torch.device | str, limit: int | None = None, seed: int = 0, data_dir: Path | None = None,
-                batch_size: int = 32, max_length: int = 256) -> dict[str, float]:
+                batch_size: int = 32, max_length: int = 256, trained_on: set[str] | None = None) -> dict[str, float]:
     """Every requested bias evaluation of the (adapted) model as one flat dict, metric name -> value.
 
     `limit` caps each data set to a seeded sample; `seed` also draws the LM head of a model given
-    by config (tests). The model's train/eval mode is left as it was.
+    by config (tests); BBQ questions whose context is in `trained_on` are left out, so a model tuned on
+    BBQ is scored on questions it never saw. The model's train/eval mode is left as it was.
     """
     if unknown := [e for e in evals if e not in BIAS_EVALS]:
         raise UserError(f"bias evals {', '.join(unknown)} unknown (known: {', '.join(BIAS_EVALS)})")
@@ -223,7 +224,8 @@ def bias_scores(evals: Sequence[str], model: nn.Module, tokenizer, model_name_or
                 scores |= winobias(lm, tokenizer, objective, load_winobias(data_dir, limit=limit, seed=seed),
                                    device=device, batch_size=batch_size)
         if "bbq" in evals:
-            scores |= bbq(model, tokenizer, load_bbq(data_dir, limit=limit, seed=seed), device=device,
+            questions = load_bbq(data_dir, limit=limit, seed=seed, unseen_by=trained_on)
+            scores |= bbq(model, tokenizer, questions, device=device,
                           batch_size=batch_size, max_length=max_length)
     finally:
         model.train(was_training)

@@ -4,11 +4,13 @@ change of loss on reference texts) as retention."""
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from torch import nn
 
 from peftlab.spec import TaskSpec, TrainingSpec
 from peftlab.workers.models import LoadOptions
-from peftlab.workers.data import InstructionData, load_instruction_data, load_texts, split_options
+from peftlab.workers.data import (DATASETS, InstructionData, TextClassificationData, load_instruction_data,
+                                  load_text_classification, load_texts, split_options)
 from peftlab.workers.tasks.base import Task, TaskKind
 
 IGNORE = -100
@@ -41,6 +44,21 @@ class CausalLmSpec(TaskSpec):
     forgetting; defaults to sst2's validation sentences."""
     text_column: str = "text"
     """Column of `reference` holding its texts."""
+    prompt_template: str = "{text}\nAnswer ({labels}):"
+    """For a registry classification data set (sst2, banking77, fomc) as instructions: the prompt
+    made of each example's {text} and the {labels} to choose from; the response is its label's name."""
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        # Only plain fields: a format string could otherwise reach attributes of the values.
+        try:
+            fields = [name for _, name, spec, conversion in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a template: {exc}") from None
+        if "text" not in fields or any(f not in ("text", "labels") for f in fields):
+            raise ValueError(f"use {{text}} (required) and {{labels}} only, got fields {fields}")
+        return value
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -121,6 +139,18 @@ def greedy_answers(model: nn.Module, tok, prompts: list[str], batch_size: int, m
     return answers
 
 
+def as_instructions(data: TextClassificationData, template: str) -> InstructionData:
+    """Each example's text in the prompt template, its label's name as the response."""
+    labels = ", ".join(data.label_names)
+
+    def pairs(texts: list[str], label_ids: list[int]) -> tuple[list[str], list[str]]:
+        return ([template.format(text=t, labels=labels) for t in texts], [data.label_names[i] for i in label_ids])
+
+    return InstructionData(*pairs(data.train_texts, data.train_labels),
+                           *pairs(data.validation_texts, data.validation_labels),
+                           *pairs(data.test_texts, data.test_labels), sizes=data.sizes)
+
+
 class CausalLmTask(Task):
     """Instruction pairs; the loss is per response token, perplexity its exponential."""
 
@@ -198,7 +228,15 @@ class CausalLmKind(TaskKind):
             return ["validation/exact_match needs `exact_match: true`"]
         return []
 
+    def registry_dataset(self, name: str):
+        """A registry classification set read as instructions: its domain, scored by the answer's loss."""
+        info = DATASETS.get(name)
+        return None if info is None else replace(info, metric="loss")
+
     def load_data(self, spec: CausalLmSpec, data_dir: Path | None) -> InstructionData:
+        if spec.dataset in DATASETS:
+            data = load_text_classification(spec.dataset, options=split_options(spec), data_dir=data_dir)
+            return as_instructions(data, spec.prompt_template)
         return load_instruction_data(
             spec.dataset, prompt_column=spec.prompt_column, response_column=spec.response_column,
             options=split_options(spec),
