@@ -12,7 +12,7 @@ from rich.console import Console
 
 from peftlab.progress import leaderboard_table
 from peftlab.store import ResultsStore, TrialStatus
-from test_sweep import mlflow_runs, run_cli
+from test_sweep import invoke, mlflow_runs, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -110,7 +110,7 @@ def test_results_and_mlflow_carry_costs_and_bias(sweep):
     lora = next(line for line in text.splitlines() if " people " in line and " lora " in line)
     base = next(t for t in trials if t.method == "lora" and t.task == "people").final_metrics
     assert f"{base['bias/crows_pairs']:.3g} ({base['bias_base/crows_pairs']:.3g})" in lora
-    shown = run_cli("results", "data-driven", "--format", "json", home=home)
+    shown = invoke("results", "data-driven", "--format", "json", home=home)
     assert shown.returncode == 0, shown.stderr
     rows = {(r["task"], r["method"]): r for r in json.loads(shown.stdout)["leaderboard"]}
     stored = {(t.task, t.method): t for t in trials}

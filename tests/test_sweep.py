@@ -37,8 +37,30 @@ def cli_env(home: Path) -> dict[str, str]:
 
 
 def run_cli(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, as a user runs it: for commands that start Ray (run, resume)."""
     return subprocess.run([*PEFTLAB, *args], cwd=ROOT, env=cli_env(home), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def invoke(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """The CLI in this process (click's runner, the user's environment with PEFTLAB_HOME at `home`): for
+    the commands that read a finished sweep (results, eval, predict, export), without paying for a new
+    interpreter's imports at every call."""
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+
+    env = cli_env(home)
+    unset = {name: None for name in ("PEFTLAB_STORE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS") if name not in env}
+    previous = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        result = CliRunner().invoke(app, list(args), env={**env, **unset})
+    finally:
+        os.chdir(previous)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def mlflow_runs(home: Path, experiment: str):
@@ -140,7 +162,7 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
         "training.gradient_checkpointing": "False", "model_dtype": "float32", "quantization": "none"}
     assert [a.path for a in client.list_artifacts(good.mlflow_run_id)] == ["adapter"]
 
-    listed = run_cli("results", "e2e", "--format", "json", home=home)
+    listed = invoke("results", "e2e", "--format", "json", home=home)
     assert listed.returncode == 0, listed.stderr
     document = json.loads(listed.stdout)
     rows = document["leaderboard"]
@@ -149,7 +171,7 @@ def test_sweep_end_to_end(tmp_path, tiny_bert_dir, sentiment_csv):
     full = next(r for r in rows if r["method"] == "full")
     assert full["trial_id"] == good.trial_id and full["status"] == "COMPLETED" and full["steps"] == good.steps
     assert full["objective"] == good.objective and full["test_objective"] == good.final_metrics["test/loss"]
-    markdown = run_cli("results", "e2e", "--format", "markdown", home=home)
+    markdown = invoke("results", "e2e", "--format", "markdown", home=home)
     assert markdown.returncode == 0, markdown.stderr
     lines = markdown.stdout.splitlines()
     assert lines[0].startswith("| task | domain | method |") and lines[1].startswith("|---|") and len(lines) == 2 + len(rows)
@@ -172,7 +194,7 @@ def assert_predict(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> Non
     rows = tmp_path / "to-label.csv"
     pd.DataFrame({"text": data.test_texts}).to_csv(rows, index=False)
     out = tmp_path / "predictions.csv"
-    done = run_cli("predict", "e2e", "--method", "full", "--file", str(rows), "--out", str(out), home=home)
+    done = invoke("predict", "e2e", "--method", "full", "--file", str(rows), "--out", str(out), home=home)
     assert done.returncode == 0, done.stdout + done.stderr
     predicted = pd.read_csv(out)
     assert list(predicted.columns) == ["row", "text", "prediction", "probability"]
@@ -193,7 +215,7 @@ def assert_predict(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> Non
         "empty text": (["--file", str(blank), "--out", str(tmp_path / "p2.csv")], "data rows 2"),
     }
     for case, (args, expected) in refusals.items():
-        refused = run_cli("predict", "e2e", "--method", "full", *args, home=home)
+        refused = invoke("predict", "e2e", "--method", "full", *args, home=home)
         assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
     assert not (tmp_path / "p1.csv").exists() and not (tmp_path / "p2.csv").exists()
@@ -213,16 +235,16 @@ def assert_eval(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
     """`peftlab eval` reloads the saved adapter and reproduces the trial's recorded test metrics (and,
     with --split validation, those of the kept checkpoint)."""
     for chosen in (["--method", "full"], ["--trial", good.trial_id], ["--trial", good.trial_id, "--split", "validation"]):
-        done = run_cli("eval", "e2e", *chosen, home=home)
+        done = invoke("eval", "e2e", *chosen, home=home)
         assert done.returncode == 0, done.stdout + done.stderr
         rows = eval_rows(done.stdout)
         split = chosen[-1] if "--split" in chosen else "test"
         assert {f"{split}/accuracy", f"{split}/loss"} == set(rows) - {f"{split}/macro_f1"}, done.stdout
         for metric, (now, recorded) in rows.items():
             assert now == recorded == pytest.approx(good.final_metrics[metric], abs=5e-7), metric
-    rows = eval_rows(run_cli("eval", "e2e", "--method", "full", home=home).stdout)
+    rows = eval_rows(invoke("eval", "e2e", "--method", "full", home=home).stdout)
     # The same file named as another data set: same labels, same rows, same numbers.
-    again = run_cli("eval", "e2e", "--method", "full", "--dataset", str(sentiment_csv), home=home)
+    again = invoke("eval", "e2e", "--method", "full", "--dataset", str(sentiment_csv), home=home)
     assert again.returncode == 0, again.stderr
     assert {k: v[0] for k, v in eval_rows(again.stdout).items()} == {k: v[0] for k, v in rows.items()}
     other = tmp_path / "other-labels.csv"
@@ -235,7 +257,7 @@ def assert_eval(home: Path, tmp_path: Path, good, sentiment_csv: Path) -> None:
         "bad split": (["--method", "full", "--split", "train"], "--split must be validation or test"),
     }
     for case, (args, expected) in refusals.items():
-        refused = run_cli("eval", "e2e", *args, home=home)
+        refused = invoke("eval", "e2e", *args, home=home)
         assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
 
@@ -248,7 +270,7 @@ def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> Non
     from peftlab.workers.methods import get_method
 
     out = tmp_path / "export" / "full"
-    done = run_cli("export", "e2e", "--method", "full", "--out", str(out), home=home)
+    done = invoke("export", "e2e", "--method", "full", "--out", str(out), home=home)
     assert done.returncode == 0, done.stdout + done.stderr
     source = home / "adapters" / "e2e" / good.trial_id
     assert {p.name for p in source.iterdir()} < {p.name for p in out.iterdir()}
@@ -257,7 +279,7 @@ def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> Non
     assert json.loads((out / "peftlab-export.json").read_text())["trial_id"] == good.trial_id
 
     merged = tmp_path / "export" / "full-merged"
-    done = run_cli("export", "e2e", "--method", "full", "--out", str(merged), "--merge", home=home)
+    done = invoke("export", "e2e", "--method", "full", "--out", str(merged), "--merge", home=home)
     assert done.returncode == 0, done.stdout + done.stderr
     # A plain transformers model, scoring as the trained adapter on its base does.
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
@@ -278,7 +300,7 @@ def assert_exports(home: Path, tmp_path: Path, good, tiny_bert_dir: Path) -> Non
         "not mergeable": (["--method", "houlsby", "--out", str(tmp_path / "x4"), "--merge"], "not mergeable"),
     }
     for case, (args, expected) in refusals.items():
-        refused = run_cli("export", "e2e", *args, home=home)
+        refused = invoke("export", "e2e", *args, home=home)
         assert refused.returncode == 2 and expected in refused.stderr, (case, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1, (case, refused.stderr)
     assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))
@@ -322,12 +344,12 @@ def test_quickstart_smoke_on_minilm_and_sst2(tmp_path, data_dir):
     assert all(t.total_params > 22_000_000 for t in trials)  # the real MiniLM, not a tiny model
     _, runs = mlflow_runs(home, "quickstart-sst2-minilm-smoke")
     assert len(runs) == 5
-    listed = run_cli("results", "--format", "csv", home=home)
+    listed = invoke("results", "--format", "csv", home=home)
     assert listed.returncode == 0 and listed.stdout.count("\n") == 6, listed.stdout + listed.stderr
     assert {row["status"] for row in csv.DictReader(io.StringIO(listed.stdout))} == {"COMPLETED"}
-    shown = run_cli("results", home=home)
+    shown = invoke("results", home=home)
     assert "steps" in shown.stdout and "Across seeds" not in shown.stdout  # one seed: no seed table
-    refused = run_cli("results", "--format", "csv", "--table", "seeds", home=home)
+    refused = invoke("results", "--format", "csv", "--table", "seeds", home=home)
     assert refused.returncode == 2 and refused.stderr.strip().startswith("error: experiment"), refused.stderr
 
 
