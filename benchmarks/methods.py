@@ -68,7 +68,7 @@ def calibrate(method_name: str, threads: int, folder: str) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     method.calibrate(model, Calibration(batches=itertools.repeat(batch), texts=texts, processor=tokenizer,
-                                        model_name="minilm", batch_size=BATCH))
+                                        model_name="minilm"))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     method.save(model, folder)

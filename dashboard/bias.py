@@ -61,7 +61,9 @@ def render() -> None:
     trials, summary, base = loaders.bias_board(ctx.url, ctx.filters, board, name)
     point = stats.unbiased(name)
     if not base["n"]:
-        reference = "no base model score was recorded"
+        reference = ("no base model score was recorded" + (
+            " (BBQ reads answers through the task's new head, which the untouched model has only at its "
+            "random start)" if name.startswith("bbq") else ""))
     else:
         reference = f"the untouched model scores **{widgets.fmt(base['mean'])}** (mean over {base['n']} trial(s)"
         reference += (f"; it differs across trials: {widgets.fmt(base['lo'])} to {widgets.fmt(base['hi'])})"

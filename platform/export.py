@@ -98,6 +98,10 @@ def export(store: ResultsStore, experiment: str, method: str, out: Path, *, task
     registered = get_method(method)
     if merge and not registered.mergeable:
         raise UserError(f"method '{method}' is not mergeable: export it without --merge")
+    if merge and registered.prunes:
+        # A pruned model has fewer heads or neurons in some layers than its config says.
+        raise UserError(f"method '{method}' prunes the model, whose layers a Hugging Face config can no longer "
+                        "describe: export it without --merge (the adapter reloads with `peftlab eval`)")
     row = best_row(store, experiment, method, task)
     trial = store.get_trial(experiment, row.trial_id)
     record = store.get_experiment(experiment)

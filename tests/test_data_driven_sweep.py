@@ -92,7 +92,8 @@ def test_bias_scores_of_each_trial_beside_the_untouched_model(sweep):
     assert set(bbq) == {"lora", "full"}
     for trial in bbq.values():
         for score in BBQ_SCORES:
-            assert -1 <= trial.final_metrics[f"bias/{score}"] <= 1 and f"bias_base/{score}" in trial.final_metrics
+            # No base score: the untouched model's answers would come from the task's random new head.
+            assert -1 <= trial.final_metrics[f"bias/{score}"] <= 1 and f"bias_base/{score}" not in trial.final_metrics
         assert "bias/crows_pairs" not in trial.final_metrics
 
 

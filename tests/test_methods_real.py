@@ -69,7 +69,7 @@ def test_training_lowers_the_loss_on_minilm_and_sst2(name, sst2, minilm):
     if method.calibrates:  # a gradient pass or a first stage, on batches of the same sentences
         stream = TextClassificationTask(sst2, tokenizer, max_length=TOKENS).train_batches(BATCH, seed=1)
         method.calibrate(model, Calibration(batches=stream, texts=list(sst2.train_texts), processor=tokenizer,
-                                            model_name="minilm", max_length=TOKENS, batch_size=BATCH))
+                                            model_name="minilm", max_length=TOKENS))
     if name not in HEAD_ONLY:
         assert freeze(model, head) > 0, f"{name}: the head was not trainable, so nothing was frozen"
     assert any(p.requires_grad for p in model.parameters()), f"{name}: nothing left to train"

@@ -148,7 +148,66 @@ def test_sparse_budgets_out_of_reach_are_refused():
     assert "k=33 exceeds the inputs" in problem
     (problem,) = get_method("spt").check_applicable(model, {"params": 10**7}, task)
     assert "params=10,000,000 exceeds" in problem
-    with pytest.raises(UserError, match="supcon needs class labels"):
-        from peftlab.workers.methods import TaskInfo
+    from peftlab.workers.methods import TaskInfo
 
+    with pytest.raises(UserError, match="supcon needs one representation per example"):
         get_method("gps").apply(model, {"loss": "supcon"}, TaskInfo("causal-lm", 0, ()))
+    # Multiple choice has a head, but it reads one representation per answer: refused before any
+    # work, and `auto` passes with the task's own loss there.
+    choices = TaskInfo("multiple-choice", 3, ("classifier",))
+    (problem,) = get_method("gps").check_applicable(model, {"loss": "supcon"}, choices)
+    assert "multiple-choice tasks have none" in problem
+    assert get_method("gps").check_applicable(model, {}, choices) == []
+    assert not get_method("gps")._uses_supcon(get_method("gps").resolve({}), choices)
+
+
+@pytest.mark.parametrize("name, hparams", [
+    ("gps", {"k": 2, "loss": "ce", "calibration_batches": 2}),
+    ("spt", {"params": 1500, "r": 2, "lora_share": 0.1, "calibration_batches": 2}),
+    ("peft_debias", {"r": 2, "debias_r": 2, "debias_steps": 4, "debias_batch_size": 8}),
+])
+def test_a_resumed_trial_takes_its_calibration_from_the_checkpoint(name, hparams, tiny_bert_dir, people_csv, tmp_path):
+    """A retried or resumed trial does not read the data again: the checkpoint holds the selection (or
+    the frozen first stage) and the calibration time, and training ends as the uninterrupted one."""
+    from peftlab.spec import parse_spec
+    from peftlab.workers import checkpoint
+    from peftlab.workers.train import Stepper, TrialLoop
+    from peftlab.workers.trial import TrialContext, prepare_trial
+
+    hparams = {**hparams, "lr": 5e-3}
+    training = {"max_steps": 8, "batch_size": 16, "eval_every": 4, "seeds": [0], "checkpoint_every": 1}
+    spec = parse_spec({"name": "cal", "model": str(tiny_bert_dir),
+                       "tasks": [{"dataset": str(people_csv), "max_eval_samples": 32, "retention": False}],
+                       "methods": {name: hparams}, "training": training})
+    context = TrialContext(experiment="cal", model=str(tiny_bert_dir), task=spec.tasks[0], training=spec.training,
+                           adapters_dir="/nonexistent", data_dir=None, cpus=1, gpus=0)
+    owner = {"experiment": "cal", "trial_id": "t"}
+
+    def run(resume=None):
+        trial = prepare_trial({"method": name, name: hparams, "seed": 0}, context, calibrate=resume is None)
+        records, saved = [], {}
+
+        def keep(record, write) -> None:
+            folder = tmp_path / f"{id(trial)}-{record.step}"
+            write(folder)
+            checkpoint.claim(folder, owner)
+            saved[record.step] = folder
+            records.append(record)
+
+        TrialLoop(task=trial.task, settings=trial.settings, stepper=Stepper(trial.model, trial.settings, trial.device),
+                  seed=trial.seed, static=trial.static, report=records.append, save=None, adapter_dir=None,
+                  checkpoint=keep, checkpoint_every=1, resume=resume, reshaping=trial.reshaping(),
+                  figures=dict(trial.figures)).train()
+        return trial, records, saved
+
+    first, records, saved = run()
+    assert first.static.calibration_seconds > 0 and records[-1].figures
+    again, later, _ = run(resume=saved[4])
+    assert again.static.calibration_seconds == 0  # the data was not read again
+    assert later[-1].costs.calibration_seconds == records[-1].costs.calibration_seconds
+    assert later[-1].figures == records[-1].figures
+    assert later[-1].metrics == pytest.approx(records[-1].metrics, abs=1e-6)
+    method = get_method(name)
+    assert method.structure(again.model) == method.structure(first.model)
+    ours, theirs = first.model.state_dict(), again.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)

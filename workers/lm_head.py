@@ -247,10 +247,12 @@ def with_lm_head(task_model: nn.Module, model_name_or_config, *, seed: int = 0) 
     if from_checkpoint:
         _load_head(lm, _head_groups(config, objective), resolve_model(model_name_or_config))
     else:
-        torch.manual_seed(seed)
-        # Before tying: a tied output layer would otherwise re-initialise the backbone's embeddings.
-        for module in (m for child in head for m in child.modules()):
-            lm._init_weights(module)
+        # Its own random state, so the caller's (a trial's dropout and data order) is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # Before tying: a tied output layer would otherwise re-initialise the backbone's embeddings.
+            for module in (m for child in head for m in child.modules()):
+                lm._init_weights(module)
     lm.tie_weights()
     output = lm.get_output_embeddings()
     if getattr(lm.config, "tie_word_embeddings", False) and output.weight is not backbone.get_input_embeddings().weight:

@@ -224,13 +224,16 @@ class Meter:
 
 @dataclass(frozen=True)
 class Reshaping:
-    """How a method that changes the model's structure while it trains meets the loop: `prune`
-    after a step (the fractions it removed, or None when it did nothing), and the structure a
-    checkpoint records and a resumed trial rebuilds before its tensors are put back."""
+    """How a method whose model is not what `apply` alone builds meets the loop: `prune` after a
+    step (the fractions it removed, or None when it did nothing); the structure its calibration or
+    pruning decided, and the frozen tensors that belong to its adapter, which a checkpoint records
+    and a resumed trial puts back (instead of calibrating again) before its trained tensors."""
 
     prune: Callable[[int], dict[str, float] | None]
     structure: Callable[[], dict | None]
     restructure: Callable[[dict], None]
+    frozen: Callable[[], dict[str, torch.Tensor]] = lambda: {}
+    restore_frozen: Callable[[dict[str, torch.Tensor]], None] = lambda tensors: None
 
 
 @dataclass
@@ -298,11 +301,13 @@ class TrialLoop:
     def _state_writer(self, step: int, meter: Meter) -> Callable[[Path], None]:
         def write(folder: Path) -> None:
             stepper_state = self.stepper.save_state(folder)
-            structure = self.reshaping.structure() if self.reshaping else None
+            decided = self.reshaping
+            extra = {"selected": self._selected, "figures": dict(self.figures),
+                     "calibration_seconds": self.static.calibration_seconds,
+                     "structure": decided.structure() if decided else None,
+                     "frozen": {k: v.detach().cpu().clone() for k, v in decided.frozen().items()} if decided else {}}
             state = checkpoint.capture(self.stepper.module, step, stepper_state, meter.progress(),
-                                       parameters=self.stepper.parameters_in_state,
-                                       extra={"selected": self._selected, "structure": structure,
-                                              "figures": dict(self.figures)})
+                                       parameters=self.stepper.parameters_in_state, extra=extra)
             checkpoint.write(state, folder, rank=self.stepper.rank)
 
         return write
@@ -311,11 +316,14 @@ class TrialLoop:
         """Restore the resumed state; the step to continue after."""
         state = checkpoint.read_state(self.resume, rank=self.stepper.rank)
         extra = state.get("extra", {})
-        if extra.get("structure") is not None and self.reshaping is not None:
-            # The checkpoint's tensors have the shapes of the model after its pruning.
-            self.reshaping.restructure(extra["structure"])
+        if self.reshaping is not None and (extra.get("structure") is not None or extra.get("frozen")):
+            # What calibration or pruning decided, so the checkpoint's tensors fit (and the data
+            # need not be read again): the structure first, then the frozen tensors it holds.
+            if extra.get("structure") is not None:
+                self.reshaping.restructure(extra["structure"])
+            self.reshaping.restore_frozen(extra.get("frozen") or {})
             self.stepper.refresh(state["step"])
-            self.static = self._counted()
+            self.static = replace(self._counted(), calibration_seconds=extra.get("calibration_seconds", 0.0))
         self.figures.update(extra.get("figures") or {})
         self.stepper.load_state(self.resume, state["stepper"])
         checkpoint.restore(self.stepper.module, state)  # after the stepper: the random states last

@@ -121,19 +121,26 @@ class PreparedTrial:
 
 
 def reshaping_of(method, model: torch.nn.Module, max_steps: int):
-    """The loop's view of a method that prunes while it trains (train.Reshaping); None for the others."""
+    """The loop's view of a method that calibrates on the data or prunes while it trains
+    (train.Reshaping); None for the others."""
     from peftlab.workers.train import Reshaping
 
-    if not method.prunes:
+    if not (method.prunes or method.calibrates):
         return None
     at = method.prune_step(model, max_steps)
+
+    def frozen() -> dict[str, torch.Tensor]:
+        return {n: t for n, t in model.state_dict().items() if method.saved_frozen and n.endswith(method.saved_frozen)}
+
     return Reshaping(prune=lambda step: method.prune(model) if step == at else None,
                      structure=lambda: method.structure(model),
-                     restructure=lambda structure: method.restructure(model, structure))
+                     restructure=lambda structure: method.restructure(model, structure),
+                     frozen=frozen, restore_frozen=lambda tensors: model.load_state_dict(tensors, strict=False))
 
 
-def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
-    """Seed, load data and model, remember the untouched model for retention, apply the method."""
+def prepare_trial(config: dict, context: TrialContext, *, calibrate: bool = True) -> PreparedTrial:
+    """Seed, load data and model, remember the untouched model for retention, apply the method and
+    calibrate it (not for a trial resumed from a checkpoint, which holds what calibration decided)."""
     import numpy as np
 
     from peftlab.workers.methods import Calibration, TaskInfo, get_method
@@ -162,17 +169,24 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
     task.remember(model, device)
     final_evaluation, figures = None, {}
     if spec.bias_eval:
-        from peftlab.workers.bias import bias_scores
+        from peftlab.workers.bias import LM_EVALS, bias_scores
 
         trained_on = set(kind.corpus(data))
 
-        def final_evaluation(adapted: torch.nn.Module, on: torch.device, prefix: str = "bias/") -> dict[str, float]:
-            scores = bias_scores(spec.bias_eval, adapted, processor, context.model, device=on, seed=seed,
+        def final_evaluation(adapted: torch.nn.Module, on: torch.device, prefix: str = "bias/",
+                             evals: list[str] = spec.bias_eval) -> dict[str, float]:
+            # One sample (seed 0) for every trial and seed of the task, so their scores compare.
+            scores = bias_scores(evals, adapted, processor, context.model, device=on, seed=0,
                                  limit=spec.bias_samples, data_dir=data_dir, max_length=training.max_length,
                                  trained_on=trained_on)
             return {prefix + name: value for name, value in scores.items()}
 
-        figures = final_evaluation(model if is_quantized(model) else model.to(device), device, prefix="bias_base/")
+        # The untouched model's scores, where they mean something: BBQ reads answers through the
+        # task's new head, which the untouched model has only at its random start.
+        untouched = [e for e in spec.bias_eval if e in LM_EVALS]
+        if untouched:
+            figures = final_evaluation(model if is_quantized(model) else model.to(device), device,
+                                       prefix="bias_base/", evals=untouched)
     if context.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -184,14 +198,14 @@ def prepare_trial(config: dict, context: TrialContext) -> PreparedTrial:
         enable_gradient_checkpointing(model)
     model = method.apply(model, hparams, TaskInfo(spec.type, data.num_labels, head))
     calibration_seconds = 0.0
-    if method.calibrates:
+    if method.calibrates and calibrate:
         started = time.perf_counter()
         model.to(device)
         # Its own seeded stream: the training batches that follow are those of any other method.
         figures |= method.calibrate(model, Calibration(
             batches=task.train_batches(training.batch_size, seed + 1), device=device, texts=kind.corpus(data),
-            processor=processor, model_name=context.model, data_dir=data_dir, seed=seed,
-            max_length=training.max_length, batch_size=training.batch_size))
+            processor=processor, model_name=context.model, seed=seed,
+            max_length=training.max_length))
         calibration_seconds = time.perf_counter() - started
     trainable_params, _ = count_parameters(model)
 
@@ -341,16 +355,17 @@ def run_trial(config: dict, context: TrialContext) -> None:
     if replay_if_finished(context, trial_id, lambda record: tune.report(record.to_result())):
         return
     with failures_recorded(Path(tune.get_context().get_trial_dir())):
-        trial = prepare_trial(config, context)
-        model, method = trial.model, trial.method
-        stepper = Stepper(model, trial.settings, trial.device,
-                          after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
         owner = context.checkpoint_owner(trial_id)
         node = ray.get_runtime_context().get_node_id()
         here = context.can_checkpoint([node])
-        reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if here else None
         # A retry placed where the storage cannot be reached starts from step 0.
-        with resumed_checkpoint(tune.get_checkpoint() if here else None, owner) as resume:
+        found = tune.get_checkpoint() if here else None
+        trial = prepare_trial(config, context, calibrate=found is None)
+        model, method = trial.model, trial.method
+        stepper = Stepper(model, trial.settings, trial.device,
+                          after_step=lambda step: method.on_step(model, step, trial.settings.max_steps))
+        reporter = checkpoint_reporter(owner, tune.report, tune.Checkpoint) if here else None
+        with resumed_checkpoint(found, owner) as resume:
             TrialLoop(task=trial.task, settings=trial.settings, stepper=stepper, seed=trial.seed, static=trial.static,
                       report=lambda record: tune.report(record.to_result()), save=method.save,
                       adapter_dir=adapter_dir_of(context, trial_id), node=node, publish=publisher(context, trial_id),

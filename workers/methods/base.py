@@ -152,10 +152,10 @@ class Calibration:
     """The tokenizer of text tasks."""
     model_name: Any = None
     """The model's name (registry alias, Hub id, path) or, for a model built from a config, that config."""
-    data_dir: Path | None = None
     seed: int = 0
+    """The trial's seed, for what the method draws (a fresh head)."""
     max_length: int = 128
-    batch_size: int = 32
+    """Tokens per text when the method encodes texts itself."""
 
 
 @dataclass(frozen=True)
@@ -299,10 +299,12 @@ class Method(ABC):
     # -- methods that need the data or change the model's structure ----------------------------
     @property
     def calibrates(self) -> bool:
+        """Whether the method reads the training data before training (it implements `calibrate`)."""
         return type(self).calibrate is not Method.calibrate
 
     @property
     def prunes(self) -> bool:
+        """Whether the method removes parts of the model while it trains (it implements `prune`)."""
         return type(self).prune is not Method.prune
 
     def calibrate(self, model: nn.Module, calibration: Calibration) -> dict[str, float]:

@@ -6,8 +6,8 @@ block, under an L1 penalty on the masks that a hook adds to the model's training
 `estimation_steps` optimizer steps `prune` removes the heads and neurons with the smallest |mask|
 (globally, keeping one of each per block) by slicing the weights of their projections, drops the LoRA
 modules whose updates moved their layer's output least (||dW x|| / ||W x + b|| per token) back to the
-frozen layer, and cuts the least important ranks of the others (first-order |mean(A * dL/dA)| +
-|mean(B * dL/dB)| per rank), both estimated over the second half of the stage as the authors' code
+frozen layer, and cuts the least important ranks of the others (first-order mean |A * dL/dA| +
+mean |B * dL/dB| per rank), both estimated over the second half of the stage as the authors' code
 does. The masks go
 with the pruning: the kept heads and neurons carry on unscaled (mask 1), as in the authors' code, so
 the pruned model computes exactly what the unpruned one computes with its masks set to 1 for kept and
@@ -32,6 +32,7 @@ from peftlab.workers.architectures import ARCHITECTURES, UnitLayout, architectur
 
 from .base import TARGET_MODULES, HParam, TaskInfo
 from .registry import register
+from .spectral import RankedWrapping
 from .wrapped import AdaptedLinear, LinearWrapping, linear_dims
 
 MASK = "light_peft_mask"
@@ -93,7 +94,8 @@ class LightLoraLinear(AdaptedLinear):
         if counted:
             A, B = self.lora_A, self.lora_B
             if A.grad is not None and B.grad is not None:
-                taylor = (A * A.grad).float().mean(1).abs() + (B * B.grad).float().mean(0).abs()
+                # |A * grad A| + |B * grad B| per rank (AdaLoRA's sensitivity): entries of opposite sign add up.
+                taylor = (A * A.grad).float().abs().mean(1) + (B * B.grad).float().abs().mean(0)
                 self.rank_importance += torch.nan_to_num(taylor, nan=0.0, posinf=0.0, neginf=0.0)
             self.module_importance += self.step_importance
         self.step_importance.zero_()
@@ -111,17 +113,6 @@ class LightLoraLinear(AdaptedLinear):
         self.lora_B = nn.Parameter(B.detach().index_select(1, index).clone(), requires_grad=B.requires_grad)
         if "rank_importance" in self._buffers:
             self.rank_importance = self.rank_importance.index_select(0, index)
-
-    def plain(self) -> nn.Linear:
-        """The equal nn.Linear, the update merged."""
-        base = self.base
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=base.weight.device, dtype=base.weight.dtype)
-        with torch.no_grad():
-            merged.weight.copy_(self.adapted_weight())
-            if base.bias is not None:
-                merged.bias.copy_(base.bias)
-        return merged
 
     @staticmethod
     def count(d_in: int, d_out: int, hp: dict) -> int:
@@ -371,7 +362,7 @@ def binary_masks(model: nn.Module, structure: dict) -> None:
 
 
 @register
-class LightPeft(LinearWrapping):
+class LightPeft(RankedWrapping):
     name = "light_peft"
     summary = ("LoRA plus L1-regularised masks on attention heads and FFN neurons for an early estimation stage; "
                "then the lowest-mask heads and neurons are cut out of the frozen model and the least important "

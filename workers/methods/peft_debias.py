@@ -137,16 +137,16 @@ class PeftDebias(RankedWrapping):
         return []
 
     @staticmethod
-    def _language_model(model: nn.Module, source) -> tuple[nn.Module, bool]:
+    def _language_model(model: nn.Module, source, seed: int) -> tuple[nn.Module, bool]:
         """The model's LM over its backbone, and whether its head is fresh (to be trained in stage 1)."""
         from peftlab.workers.lm_head import is_causal_lm, lm_objective, with_lm_head
         from peftlab.workers.models import load_config
 
         if is_causal_lm(model) or not isinstance(source, str):
-            return with_lm_head(model, source), not is_causal_lm(model)
+            return with_lm_head(model, source, seed=seed), not is_causal_lm(model)
         objective, _ = lm_objective(source)
         if objective is None:  # the architecture has an LM head, this checkpoint trained none
-            return with_lm_head(model, load_config(source, None)), True
+            return with_lm_head(model, load_config(source, None), seed=seed), True
         return with_lm_head(model, source), False
 
     def calibrate(self, model: nn.Module, calibration: Calibration) -> dict[str, float]:
@@ -156,7 +156,7 @@ class PeftDebias(RankedWrapping):
         corpus = augment(calibration.texts, hp["axes"])
         if not corpus:
             raise UserError(self.data_problems(hp, calibration.texts)[0], where=f"method {self.name}")
-        lm, fresh = self._language_model(model, calibration.model_name)
+        lm, fresh = self._language_model(model, calibration.model_name, calibration.seed)
         objective = "clm" if is_causal_lm(lm) else objective_for_config(lm.config)
         tokenizer = calibration.processor
         if tokenizer is None or (objective == "mlm" and getattr(tokenizer, "mask_token_id", None) is None):
@@ -164,9 +164,12 @@ class PeftDebias(RankedWrapping):
                             "first stage", where=f"method {self.name}")
         lm.to(calibration.device)
         own = {id(p) for p in model.parameters()}
+        head = [p for p in lm.parameters() if id(p) not in own]
         stage_one = [p for n, p in model.named_parameters() if n.endswith(self.saved_frozen)]
-        stage_one += [p for p in lm.parameters() if id(p) not in own] if fresh else []
+        stage_one += head if fresh else []
         stage_two = [p for p in model.parameters() if p.requires_grad]
+        for p in head:  # a pretrained head stays as it is; a fresh one trains below
+            p.requires_grad_(False)
         for p in stage_two:
             p.requires_grad_(False)
         for p in stage_one:

@@ -71,7 +71,6 @@ def gradient_pass(model: nn.Module, layers: dict[str, AdaptedLinear], calibratio
     model.eval()
     weights = {name: layer.base.weight for name, layer in layers.items()}
     sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
-    others = [p for p in model.parameters() if p.requires_grad]
     for w in weights.values():
         w.requires_grad_(True)
     try:
@@ -84,8 +83,6 @@ def gradient_pass(model: nn.Module, layers: dict[str, AdaptedLinear], calibratio
     finally:
         for w in weights.values():
             w.requires_grad_(False)
-        for p in others:
-            p.grad = None
         model.train(was_training)
     return sums
 
@@ -115,8 +112,18 @@ class HeadFeatures:
         self.handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: tuple, output) -> None:
-        # A head that reads a sequence (RoBERTa's, a decoder's score) gets its positions' mean.
-        self.value = args[0].mean(dim=1) if args[0].dim() > 2 else args[0]
+        self.value = args[0]
+
+    def pooled(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One row per example: a head that reads a sequence (RoBERTa's, a decoder's score) gets the mean
+        over the example's real tokens."""
+        value = self.value
+        if value.dim() <= 2:
+            return value
+        if attention_mask is None or attention_mask.shape != value.shape[:2]:
+            return value.mean(dim=1)
+        weights = attention_mask.to(value.dtype).unsqueeze(-1)
+        return (value * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -164,7 +171,8 @@ class Gps(SparseSelection):
                size=True),
         HParam("loss", str, "auto", "loss of the gradient pass: supcon (supervised contrastive on the "
                "representation the head reads, the paper's), ce (the task's own loss), or auto: supcon where "
-               "the task has classes, else ce", choices=("auto", "supcon", "ce")),
+               "the head reads one representation per example (classification), else ce",
+               choices=("auto", "supcon", "ce")),
         HParam("temperature", float, 0.07, "SupCon temperature", low=0.0, open_low=True),
         CALIBRATION_BATCHES,
         SPARSE_TARGETS,
@@ -178,8 +186,8 @@ class Gps(SparseSelection):
 
     def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
         problems = super()._problems(model, hp, task)
-        if hp["loss"] == "supcon" and not (task.num_labels and task.head_modules):
-            problems.append(f"loss supcon needs class labels and a task head to read representations from; "
+        if hp["loss"] == "supcon" and not self._supcon_fits(task):
+            problems.append(f"loss supcon needs one representation per example at a task head's input; "
                             f"{task.type} tasks have none: use loss ce")
         return problems
 
@@ -197,8 +205,12 @@ class Gps(SparseSelection):
         return total + sum(getattr(modules[n], "bias", None).numel() for n in target_names(model, hp["target_modules"], task)
                            if getattr(modules[n], "bias", None) is not None)
 
+    @staticmethod
+    def _supcon_fits(task: TaskInfo) -> bool:
+        return "example_representation" in task.offers and bool(task.head_modules)
+
     def _uses_supcon(self, hp: dict, task: TaskInfo) -> bool:
-        return hp["loss"] == "supcon" or (hp["loss"] == "auto" and bool(task.num_labels and task.head_modules))
+        return hp["loss"] == "supcon" or (hp["loss"] == "auto" and self._supcon_fits(task))
 
     def calibrate(self, model: nn.Module, calibration: Calibration) -> dict[str, float]:
         applied = model.peftlab_applied
@@ -209,10 +221,8 @@ class Gps(SparseSelection):
 
             def loss_of(m: nn.Module, batch: dict) -> torch.Tensor:
                 m(**{k: v for k, v in batch.items() if k != "labels"})
-                if features.value is None or len(features.value) != len(batch["labels"]):
-                    raise UserError("gps: loss supcon needs one representation per example at the head's "
-                                    "input; this task has another layout: use loss ce")
-                return supervised_contrastive(features.value, batch["labels"], hp["temperature"])
+                return supervised_contrastive(features.pooled(batch.get("attention_mask")), batch["labels"],
+                                              hp["temperature"])
         else:
             loss_of = self._task_loss(model, hp)
         layers = self._layers(model)
@@ -276,6 +286,8 @@ def spt_split(sensitivities: list[torch.Tensor], lora_costs: list[int], threshol
         offsets.append(offsets[-1] + s.numel())
     chosen: list[list[int]] = [[] for _ in sensitivities]
     lora = [False] * len(sensitivities)
+    closed = 0  # matrices that take nothing more: a LoRA, or full at their threshold with no LoRA affordable
+    shut = [False] * len(sensitivities)
     spent = 0
     # Stable order: equal sensitivities are taken in position order, so the split is reproducible.
     order = torch.argsort(flat, descending=True, stable=True)
@@ -284,17 +296,19 @@ def spt_split(sensitivities: list[torch.Tensor], lora_costs: list[int], threshol
             if spent >= budget:
                 break
             i = bisect.bisect_right(offsets, position) - 1
-            if lora[i]:
+            if shut[i]:
                 continue
             if len(chosen[i]) + 1 > thresholds[i]:
                 switch = lora_costs[i] - len(chosen[i])
                 if spent + switch <= budget:
                     spent += switch
                     lora[i], chosen[i] = True, []
+                # Either way it takes nothing more: the budget left only shrinks.
+                shut[i], closed = True, closed + 1
                 continue
             spent += 1
             chosen[i].append(position - offsets[i])
-        if spent >= budget:
+        if spent >= budget or closed == len(sensitivities):
             break
     return [torch.tensor(sorted(c), dtype=torch.long) for c in chosen], lora
 

@@ -96,7 +96,7 @@ class VPT(Method):
     needs = frozenset({"patch_tokens"})
     hparams = (
         HParam("num_tokens", int, 5, "p, prompt tokens per layer (the reference's NUM_TOKENS, default 5)",
-               low=1, size=True),
+               low=1, high=4096, size=True),
         HParam("deep", bool, False, "false: prompts at the input only (shallow); true: own prompts at every layer "
                "(deep)"),
         HParam("dropout", float, 0.0, "dropout on the prompt tokens (the reference's DROPOUT, default 0)",

@@ -71,6 +71,17 @@ class AdaptedLinear(nn.Module):
         """Trainable parameters this wrapper adds to a d_out x d_in layer."""
         raise NotImplementedError
 
+    def plain(self) -> nn.Linear:
+        """The equal plain nn.Linear, the update merged into its weight."""
+        base = self.base
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.adapted_weight())
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        return merged
+
 
 def target_names(model: nn.Module, targets: list[str] | str | None, task: TaskInfo) -> list[str]:
     """Names of the modules the targets match (exact name or dotted suffix), head excluded; None: the
@@ -136,13 +147,6 @@ class LinearWrapping(Method):
     def merge(self, model: nn.Module) -> nn.Module:
         for name, module in list(model.named_modules()):
             if isinstance(module, AdaptedLinear):
-                base = module.base
-                plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                  device=base.weight.device, dtype=base.weight.dtype)
-                with torch.no_grad():
-                    plain.weight.copy_(module.adapted_weight())
-                    if base.bias is not None:
-                        plain.bias.copy_(base.bias)
                 parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, plain)
+                setattr(model.get_submodule(parent_name), child, module.plain())
         return model

@@ -40,6 +40,7 @@ OFFERS = {
     "new_head": "a new task head",
     "token_prompt": "token inputs to prepend soft prompts to (one sequence per example)",
     "patch_tokens": "a sequence of image patch tokens",
+    "example_representation": "one representation per example at the head's input (classification)",
 }
 """What a task type can offer a method; a method names what it needs (`Method.needs`)."""
 

@@ -123,7 +123,7 @@ class ImageClassificationKind(TaskKind):
     summary = "a label per image (medical, digits, remote sensing); a new classification head"
     spec_model = ImageClassificationSpec
     metrics = ("accuracy", "macro_f1", "auroc", "loss")
-    offers = frozenset({"linear_layers", "blocks", "new_head", "patch_tokens"})
+    offers = frozenset({"linear_layers", "blocks", "new_head", "patch_tokens", "example_representation"})
     default_model = "resnet20-cifar10"
 
     def registry_dataset(self, name: str):

@@ -117,7 +117,7 @@ class TextClassificationKind(TaskKind):
     summary = "a label per text (sentiment, intent, stance); a new classification head"
     spec_model = TextClassificationSpec
     metrics = ("accuracy", "macro_f1", "loss")
-    offers = frozenset({"linear_layers", "blocks", "new_head", "token_prompt"})
+    offers = frozenset({"linear_layers", "blocks", "new_head", "token_prompt", "example_representation"})
     peft_task_type = "SEQ_CLS"
     default_model = "minilm"
 
