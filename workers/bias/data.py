@@ -11,7 +11,7 @@ import pandas as pd
 
 from peftlab import settings
 from peftlab.errors import UserError
-from peftlab.workers.tasks.multiple_choice import BBQ, MultipleChoiceSpec, Questions, _bbq_frames, _columns, _questions
+from peftlab.workers.tasks.multiple_choice import BBQ, MultipleChoiceSpec, Questions, bbq_frames, question_columns, read_questions
 
 FOLDERS = {"crows_pairs": "bias/crows_pairs", "winobias": "bias/winobias", "bbq": BBQ.folder}
 CROWS_FILE = "crows_pairs_anonymized.csv"
@@ -146,11 +146,11 @@ def load_bbq(data_dir: Path | None = None, *, categories: list[str] | None = Non
     contexts a model trained on, when its task is BBQ itself)."""
     root = folder("bbq", data_dir)
     spec = MultipleChoiceSpec(dataset="bbq", categories=categories)
-    frame = _bbq_frames(spec, data_dir)
+    frame = bbq_frames(spec, data_dir)
     if unseen_by:
         frame = frame[~frame["context"].isin(unseen_by)].reset_index(drop=True)
     frame = frame.iloc[subset(len(frame), limit, seed)].reset_index(drop=True)
-    questions = _questions(frame, _columns(spec, True), ["ans0", "ans1", "ans2"], f"bbq ({root})")
+    questions = read_questions(frame, question_columns(spec, True), ["ans0", "ans1", "ans2"], f"bbq ({root})")
     roles = [answer_roles(info, meta["stereotyped_groups"], polarity) for info, meta, polarity in
              zip(frame["answer_info"], frame["additional_metadata"], frame["question_polarity"], strict=True)]
     return BbqSet(questions, [u for u, _ in roles], [b for _, b in roles], frame["category"].astype(str).tolist())

@@ -17,7 +17,7 @@ from peftlab.workers.bias.data import (BbqSet, CrowsPair, WinoPair, folder, load
 from peftlab.workers.lm_head import (encode, lm_objective, scored_positions, sentence_log_likelihoods,
                                      task_objective, token_log_likelihoods, with_lm_head)
 from peftlab.workers.tasks.base import loss_and_predictions
-from peftlab.workers.tasks.multiple_choice import Questions, _trim, encode_questions
+from peftlab.workers.tasks.multiple_choice import Questions, trim_batch, encode_questions
 
 BIAS_EVALS = ("crows_pairs", "winobias", "bbq")
 LM_EVALS = ("crows_pairs", "winobias")
@@ -153,7 +153,7 @@ def bbq_predictions(model: nn.Module, tokenizer, questions: Questions, *, device
     encoded = encode_questions(tokenizer, questions, max_length)
     was_training = model.training
     _, predictions = loss_and_predictions(model, (
-        _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
+        trim_batch({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
         for start in range(0, len(encoded["labels"]), batch_size)))
     model.train(was_training)
     return predictions.tolist()
@@ -174,17 +174,16 @@ def bias_problems(evals: Sequence[str], model_name: str, task_type: str, *,
                   data_dir: Path | None = None) -> list[str]:
     """One line per reason the evaluations cannot run on this model and task type (empty: they
     can); with `data_dir`, missing data folders too."""
-    from peftlab.workers.tasks import task_kind
-    from peftlab.workers.tasks.causal_lm import CausalLmKind
-    from peftlab.workers.tasks.multiple_choice import MultipleChoiceKind
+    from peftlab.workers.tasks import KINDS, task_kind
 
     kind = task_kind(task_type)
     problems = [f"bias eval '{e}' unknown (known: {', '.join(BIAS_EVALS)})" for e in evals if e not in BIAS_EVALS]
-    if "bbq" in evals and not isinstance(kind, MultipleChoiceKind):
-        problems.append(f"bbq: needs a {MultipleChoiceKind.name} task (BBQ is scored from the model's answers to "
-                        f"its questions), not a {task_type} task")
+    if "bbq" in evals and not kind.scores_answers:
+        hosts = ", ".join(k.name for k in KINDS.values() if k.scores_answers)
+        problems.append(f"bbq: needs a {hosts} task (BBQ is scored from the model's answers to its questions), "
+                        f"not a {task_type} task")
     lm_evals = [e for e in LM_EVALS if e in evals]
-    if lm_evals and not isinstance(kind, CausalLmKind):
+    if lm_evals and not kind.language_model:
         try:
             objective, reason = lm_objective(model_name)
         except UserError as exc:

@@ -62,6 +62,10 @@ class TaskKind(ABC):
     keyword through (peft's wrappers handle token inputs only)."""
     default_model: ClassVar[str | None]
     """Used when neither the task nor the experiment names a model."""
+    scores_answers: ClassVar[bool] = False
+    """Its model scores each candidate answer of a question (what BBQ's bias score reads)."""
+    language_model: ClassVar[bool] = False
+    """Its model is a language model with its pretrained head (what CrowS-Pairs and WinoBias read)."""
 
     def corpus(self, data: Any) -> list[str]:
         """The training split's texts, for a method that trains a first stage on text; empty for

@@ -219,6 +219,7 @@ class CausalLmKind(TaskKind):
     offers = frozenset({"linear_layers", "blocks", "token_prompt"})
     peft_task_type = "CAUSAL_LM"
     default_model = None
+    language_model = True
 
     def default_metric(self, spec: CausalLmSpec) -> str:
         return "exact_match" if spec.exact_match else "loss"

@@ -111,7 +111,7 @@ class MultipleChoiceData:
         raise AttributeError(name)
 
 
-def _bbq_frames(spec: MultipleChoiceSpec, data_dir: Path | None) -> pd.DataFrame:
+def bbq_frames(spec: MultipleChoiceSpec, data_dir: Path | None) -> pd.DataFrame:
     root = data_dir or settings.data_dir()
     if root is None:
         raise UserError(f"dataset 'bbq' needs its files: set PEFTLAB_DATA_DIR to a folder holding {BBQ.folder}/ "
@@ -128,7 +128,7 @@ def _bbq_frames(spec: MultipleChoiceSpec, data_dir: Path | None) -> pd.DataFrame
     return frame
 
 
-def _columns(spec: MultipleChoiceSpec, registry: bool) -> dict[str, str | None]:
+def question_columns(spec: MultipleChoiceSpec, registry: bool) -> dict[str, str | None]:
     if registry:
         return {"context": "context", "question": "question", "label": "label",
                 "condition": "context_condition", "group": "template"}
@@ -136,7 +136,7 @@ def _columns(spec: MultipleChoiceSpec, registry: bool) -> dict[str, str | None]:
             "condition": spec.condition_column, "group": spec.group_column}
 
 
-def _questions(frame: pd.DataFrame, columns: dict[str, str | None], choices: list[str], where: str) -> Questions:
+def read_questions(frame: pd.DataFrame, columns: dict[str, str | None], choices: list[str], where: str) -> Questions:
     for kind, column in [*((k, v) for k, v in columns.items() if v), *(("choice", c) for c in choices)]:
         if column not in frame.columns:
             raise UserError(_missing_column(kind, column, list(frame.columns)), where=where)
@@ -164,10 +164,10 @@ def load_multiple_choice(spec: MultipleChoiceSpec, data_dir: Path | None,
     options = options or split_options(spec)
     options.check()
     registry = spec.dataset in CHOICE_DATASETS
-    columns = _columns(spec, registry)
+    columns = question_columns(spec, registry)
     choices = ["ans0", "ans1", "ans2"] if registry else list(spec.choice_columns)
     if registry:
-        frames = [_bbq_frames(spec, data_dir), None, None]
+        frames = [bbq_frames(spec, data_dir), None, None]
     elif spec.dataset.lower().endswith(FILE_SUFFIXES):
         frames = [_read_file(Path(spec.dataset).expanduser()), None, None]
     else:
@@ -176,7 +176,7 @@ def load_multiple_choice(spec: MultipleChoiceSpec, data_dir: Path | None,
     for position, path in ((1, options.validation_file), (2, options.test_file)):
         if path is not None:
             frames[position] = _read_file(Path(path).expanduser())
-    parts = [None if f is None else _questions(f, columns, choices, f"{spec.dataset} ({split})")
+    parts = [None if f is None else read_questions(f, columns, choices, f"{spec.dataset} ({split})")
              for f, split in zip(frames, SPLITS)]
     whole = pd.concat([f for f in frames if f is not None], ignore_index=True)
     labels = np.asarray(sum((p.labels for p in parts if p is not None), []))
@@ -207,7 +207,7 @@ def encode_questions(tokenizer, questions: Questions, max_length: int) -> dict[s
     return out
 
 
-def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Padding is to the longest sequence of the split; cut to the batch's longest.
     length = int(batch["attention_mask"].sum(-1).max())
     return {k: (v[..., :length] if v.dim() == 3 else v) for k, v in batch.items()}
@@ -236,13 +236,13 @@ class MultipleChoiceTask(DriftTask):
         while True:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n - size + 1, size):  # a last partial batch is dropped
-                yield _trim({k: v[order[start:start + size]] for k, v in self.train.items()})
+                yield trim_batch({k: v[order[start:start + size]] for k, v in self.train.items()})
 
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
                  split: str = "validation") -> dict[str, float]:
         encoded = self.splits[split]
         loss, pred = loss_and_predictions(model, (
-            _trim({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
+            trim_batch({k: v[start:start + batch_size].to(device) for k, v in encoded.items()})
             for start in range(0, len(encoded["labels"]), batch_size)))
         right = (pred == encoded["labels"]).float()
         metrics = {"loss": loss, "accuracy": right.mean().item()}
@@ -256,7 +256,7 @@ class MultipleChoiceTask(DriftTask):
         reference = self.splits["validation"]
         n = min(self.retention_samples, len(reference["labels"]))
         for start in range(0, n, 32):
-            yield _trim({k: v[start:min(start + 32, n)] for k, v in reference.items()})
+            yield trim_batch({k: v[start:min(start + 32, n)] for k, v in reference.items()})
 
 
 class MultipleChoiceKind(TaskKind):
@@ -266,6 +266,7 @@ class MultipleChoiceKind(TaskKind):
     metrics = ("accuracy", "loss")
     offers = frozenset({"linear_layers", "blocks", "new_head"})
     default_model = "minilm"
+    scores_answers = True
 
     def registry_dataset(self, name: str) -> ChoiceDatasetInfo | None:
         return CHOICE_DATASETS.get(name)
@@ -316,8 +317,8 @@ class MultipleChoiceKind(TaskKind):
         """The questions of a local file: context, question and choice columns (no label needed)."""
         frame = _read_file(path)
         frame[spec.label_column] = 0  # unknown: predictions only
-        columns = {**_columns(spec, False), "condition": None, "group": None}
-        return _questions(frame, columns, list(spec.choice_columns), str(path))
+        columns = {**question_columns(spec, False), "condition": None, "group": None}
+        return read_questions(frame, columns, list(spec.choice_columns), str(path))
 
     @torch.no_grad()
     def predict(self, model: nn.Module, processor, data: MultipleChoiceData, spec: MultipleChoiceSpec,
@@ -329,7 +330,7 @@ class MultipleChoiceKind(TaskKind):
         encoded.pop("labels")
         rows = []
         for start in range(0, len(inputs.labels), training.eval_batch_size):
-            batch = _trim({k: v[start:start + training.eval_batch_size].to(device) for k, v in encoded.items()})
+            batch = trim_batch({k: v[start:start + training.eval_batch_size].to(device) for k, v in encoded.items()})
             probabilities = model(**batch).logits.float().softmax(-1).cpu()
             best, index = probabilities.max(-1)
             for i, (k, p) in enumerate(zip(index.tolist(), best.tolist(), strict=True)):
