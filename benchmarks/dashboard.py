@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, insert, select
 
 from peftlab.dashboard import queries
 from peftlab.dashboard.queries import Filters
-from peftlab.store import ResultsStore
+from peftlab.store import BIAS, BIAS_BASE, ResultsStore
 from peftlab.store_models import Experiment, Trial, TrialMetric
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
@@ -41,13 +41,15 @@ METHODS = {  # method -> (mean accuracy, trainable params, its hyperparameters' 
 }
 SEEDS = 3
 PAGES = [("overview.py", "Overview"), ("leaderboard.py", "Leaderboard"), ("domains.py", "Methods x domains"),
-         ("pareto.py", "Pareto"), ("sensitivity.py", "Sensitivity"), ("trial.py", "Trial")]
+         ("pareto.py", "Pareto"), ("sensitivity.py", "Sensitivity"), ("trial.py", "Trial"), ("bias.py", "Bias")]
 STATUSES = ["COMPLETED"] * 70 + ["EARLY_STOPPED"] * 20 + ["FAILED"] * 8 + ["RUNNING"] * 2
 
 
 CURVE_STEPS = range(10, 301, 10)
 CURVE_NAMES = ("validation/accuracy", "train/loss")
 POINTS_PER_CURVE = len(CURVE_STEPS) * len(CURVE_NAMES)
+BIAS_NAMES = tuple(f"{prefix}{name}" for name in ("crows_pairs", "winobias_gap") for prefix in (BIAS, BIAS_BASE))
+"""Scores the trials with curves also carry, once, at their last step (as a trial writes them)."""
 
 
 def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) -> None:
@@ -106,6 +108,10 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
                       for step, name, value in zip(
                           (s for s in CURVE_STEPS for _ in CURVE_NAMES), CURVE_NAMES * len(CURVE_STEPS),
                           rng.uniform(0.3, 0.9, POINTS_PER_CURVE))]
+            points += [dict(experiment_id=row["experiment_id"], trial_id=row["trial_id"], step=CURVE_STEPS[-1],
+                            name=name, value=float(value))
+                       for row in rows[chunk:min(chunk + 500, curves)] if row["status"] != "FAILED"
+                       for name, value in zip(BIAS_NAMES, rng.uniform(40, 70, len(BIAS_NAMES)))]
             connection.execute(insert(TrialMetric), points)
     engine.dispose()
 
@@ -128,6 +134,7 @@ def page_queries(connection, filters: Filters) -> dict[str, dict[str, Callable]]
         "Trial": {"trial_choices": lambda: queries.trial_choices(connection, filters, 1_000),
                   "trial": lambda: queries.trial(connection, "bench-00", some_trial),
                   "curves": lambda: queries.curves(connection, "bench-00", some_trial)},
+        "Bias": {"bias_scores": lambda: queries.bias_scores(connection, filters)},
     }
 
 

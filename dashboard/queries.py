@@ -36,7 +36,7 @@ from sqlalchemy.pool import QueuePool
 
 from peftlab.dashboard import stats
 from peftlab.errors import UserError
-from peftlab.store import SMOKE_SUFFIX, ResultsStore, TrialStatus, read_only_sqlite
+from peftlab.store import BIAS, BIAS_BASE, SMOKE_SUFFIX, ResultsStore, TrialStatus, read_only_sqlite
 from peftlab.store_models import UTCDateTime
 
 STATUSES = [status.value for status in TrialStatus]
@@ -67,8 +67,6 @@ curves_view = table(
     column("experiment", String), column("trial_id", String), column("step", Integer), column("name", String),
     column("value", Float),
 )
-BIAS, BIAS_BASE = "bias/", "bias_base/"
-"""Prefixes of a trial's bias scores: of its kept checkpoint, and of the model before the method."""
 
 BOARD = tuple(stats.BOARD)
 """Methods are compared per task of an experiment (one model, one metric, one data split)."""

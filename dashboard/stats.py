@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from peftlab.store import BIAS, HEADLINE_BIAS
+
 CONFIDENCE = 0.95
 ALPHA = 0.05
 TEST = "paired t-test over seeds, Holm-corrected across methods"
@@ -205,9 +207,6 @@ def pareto_front(cost, score) -> np.ndarray:
 
 # -- bias --------------------------------------------------------------------------------------
 
-HEADLINE_BIAS = ("crows_pairs", "winobias_gap", "winobias_pro_percent", "bbq_bias_ambiguous",
-                 "bbq_bias_disambiguated")
-"""Each benchmark's overall scores, listed before the per-type breakdowns and the accuracies."""
 SAME = 1e-9
 """Base scores that spread less than this (relative) across trials are one value."""
 
@@ -221,7 +220,7 @@ def unbiased(name: str) -> float | None:
     return None
 
 
-def bias_names(frame: pd.DataFrame, prefix: str = "bias/") -> list[str]:
+def bias_names(frame: pd.DataFrame, prefix: str = BIAS) -> list[str]:
     """The bias scores (names without `prefix`) that some row of `frame` has: the headline scores
     first, then the rest by name."""
     names = [c.removeprefix(prefix) for c in frame.columns if c.startswith(prefix) and frame[c].notna().any()]

@@ -36,7 +36,7 @@ def fit_budgets(spec: ExperimentSpec, models: dict[str, tuple]) -> list[BudgetFi
     from peftlab.workers.methods import get_method
 
     spaces = _base_configs(spec)
-    fits = []
+    fits, refused = [], []  # a sparse method off its budget trains another size than compared: refused
     for task in spec.tasks:
         model, info = models[task.label]
         # A percentage is of the model as a trial loads it (what the store records as total_params).
@@ -58,13 +58,16 @@ def fit_budgets(spec: ExperimentSpec, models: dict[str, tuple]) -> list[BudgetFi
                 expected, note = method.expected_trainable(model, sized, info), ""
             fit = BudgetFit(task.label, name, budget, chosen, expected, note)
             if abs(fit.deviation) > WITHIN and method.sparse:
-                raise UserError(f"budget: {name} cannot train {budget:,} parameters on {task.label}: its closest "
-                                f"{size or 'size'} gives {expected:,} ({fit.deviation:+.0%}); {note or 'change the budget'}")
+                refused.append(f"{name} cannot train {budget:,} parameters on {task.label}: its closest "
+                               f"{size or 'size'} gives {expected:,} ({fit.deviation:+.0%}); {note or 'change the budget'}")
+                continue
             if abs(fit.deviation) > WITHIN:
                 reason = note or f"closest {size}"
                 fit = BudgetFit(task.label, name, budget, chosen, expected,
                                 f"{reason}: {fit.deviation:+.0%} of the budget")
             fits.append(fit)
+    if refused:
+        raise UserError("budget: " + "; ".join(refused))
     return fits
 
 

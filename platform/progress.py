@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from peftlab.search import TaskPlan
-from peftlab.store import LeaderboardRow, TrialStatus
+from peftlab.store import BIAS, BIAS_BASE, HEADLINE_BIAS, LeaderboardRow, TrialStatus
 from peftlab.workers.report import Outcome, TrialReport
 
 
@@ -159,10 +159,6 @@ class SweepProgress(Callback):
         self.console.print(self._render())
 
 
-HEADLINE_BIAS = ("crows_pairs", "winobias_gap", "bbq_bias_ambiguous", "bbq_bias_disambiguated")
-"""The bias scores the leaderboard shows where trials have them (all of them are in json and MLflow)."""
-
-
 def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> Table:
     """The best trial per method; a calibration column where a method spent time on the data before
     training, the pruned share where one pruned, and each headline bias score as `adapted (base)`."""
@@ -170,7 +166,7 @@ def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> 
                         "checkpoint", title_justify="left")
     calibrated = any(row.calibration_seconds for row in rows)
     pruned = any(k.startswith("pruning/") for row in rows for k in row.figures)
-    biases = [name for name in HEADLINE_BIAS if any(f"bias/{name}" in row.figures for row in rows)]
+    biases = [name for name in HEADLINE_BIAS if any(f"{BIAS}{name}" in row.figures for row in rows)]
     columns = ["task", "method", "validation", "test", "trainable", "% of model", "peak memory", "train time",
                *(["calibration"] if calibrated else []), *(["pruned heads/neurons"] if pruned else []),
                *biases, "samples/s", "steps", "trials", "config"]
@@ -182,7 +178,7 @@ def leaderboard_table(rows: list[LeaderboardRow], metric: str | None = None) -> 
             heads, neurons = row.figures.get("pruning/heads"), row.figures.get("pruning/neurons")
             extra.append("-" if heads is None else f"{heads:.0%} / {neurons or 0:.0%}")
         for name in biases:
-            value, base = row.figures.get(f"bias/{name}"), row.figures.get(f"bias_base/{name}")
+            value, base = row.figures.get(f"{BIAS}{name}"), row.figures.get(f"{BIAS_BASE}{name}")
             extra.append("-" if value is None else f"{value:.3g}" + ("" if base is None else f" ({base:.3g})"))
         table.add_row(
             row.task, row.method, f"{row.objective:.4f}",

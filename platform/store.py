@@ -158,6 +158,13 @@ def figures_of(final_metrics: dict[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in (final_metrics or {}).items() if "/" in k and not k.startswith(SPLIT_METRICS)}
 
 
+BIAS, BIAS_BASE = "bias/", "bias_base/"
+"""Prefixes of a trial's bias scores: of its kept checkpoint, and of the model before the method."""
+HEADLINE_BIAS = ("crows_pairs", "winobias_gap", "winobias_pro_percent", "bbq_bias_ambiguous",
+                 "bbq_bias_disambiguated")
+"""Each bias benchmark's overall scores: what summaries show first, before per-type breakdowns and accuracies."""
+
+
 def test_metric(metric: str) -> str:
     """The test split's name of a validation metric: validation/accuracy -> test/accuracy."""
     return "test/" + metric.split("/", 1)[-1]

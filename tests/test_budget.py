@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peftlab.budget import WITHIN, fit_budgets
-from peftlab.errors import SpecError
+from peftlab.errors import SpecError, UserError
 from peftlab.spec import budget_params, parse_spec
 from peftlab.workers.methods import TaskInfo
 from peftlab.workers.models import load_image_classifier, meta_classifier
@@ -56,6 +56,16 @@ def test_a_budget_too_small_for_any_size_is_reported(data_dir):
     [fit] = fit_budgets(spec, {"breastmnist": (model, TaskInfo("image-classification", 2, ("net.linear",)))})
     assert fit.size == {"r": 1} and fit.expected > fit.budget
     assert fit.note.startswith("closest r: +") and "of the budget" in fit.note
+
+
+def test_every_sparse_method_off_its_budget_is_named_in_one_refusal():
+    spec = parse_spec({**_spec(budget=10), "methods": {"gps": {}, "lora": {}, "spt": {}}})
+    model = meta_classifier("minilm", 2)
+    with pytest.raises(UserError) as err:
+        fit_budgets(spec, {"sst2": (model, TaskInfo("text-classification", 2, ("classifier",)))})
+    message = str(err.value)
+    assert message.startswith("budget: gps cannot train 10 parameters on sst2") and "\n" not in message
+    assert "; spt cannot train 10 parameters on sst2" in message and "lora" not in message
 
 
 def test_seeds_and_per_task_methods_and_models():

@@ -14,8 +14,6 @@ y = g * (W (c x) + s B A dropout(c x)) + b.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,7 +21,7 @@ from torch.nn import functional as F
 from .base import HParam
 from .registry import register
 from .spectral import RankedWrapping
-from .wrapped import TARGET_MODULES, AdaptedLinear
+from .wrapped import TARGET_MODULES, AdaptedLinear, lora_factors
 
 _EPS = 1e-12  # a zero row or column of V gives scale 0 rather than nan (its entries are 0 anyway)
 
@@ -50,9 +48,7 @@ class BoraLinear(AdaptedLinear):
         super().__init__(base, hp)
         W, r = base.weight, hp["r"]
         self.scaling = hp["alpha"] / r
-        self.bora_A = nn.Parameter(torch.empty(r, W.shape[1], dtype=W.dtype, device=W.device))
-        nn.init.kaiming_uniform_(self.bora_A, a=math.sqrt(5))  # LoRA's init for A
-        self.bora_B = nn.Parameter(torch.zeros(W.shape[0], r, dtype=W.dtype, device=W.device))
+        self.bora_A, self.bora_B = lora_factors(W, r)
         m_row, m_col = initial_magnitudes(W.detach())
         self.bora_m_row = nn.Parameter(m_row)
         self.bora_m_col = nn.Parameter(m_col)

@@ -33,7 +33,7 @@ from peftlab.workers.architectures import ARCHITECTURES, UnitLayout, architectur
 from .base import TARGET_MODULES, HParam, TaskInfo
 from .registry import register
 from .spectral import RankedWrapping
-from .wrapped import AdaptedLinear, LinearWrapping, linear_dims
+from .wrapped import AdaptedLinear, LinearWrapping, linear_dims, lora_factors
 
 MASK = "light_peft_mask"
 """The parameter, on the projection that reads the masked units, behind each mask: mask = 1 + lr_scale * it
@@ -52,9 +52,7 @@ class LightLoraLinear(AdaptedLinear):
         W, r = base.weight, hp["r"]
         self.scaling = hp["alpha"] / r  # kept when ranks are cut: the kept ranks' update stays as it was
         self.dropout = nn.Dropout(hp["dropout"]) if hp["dropout"] else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, W.shape[1], dtype=W.dtype, device=W.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(W.shape[0], r, dtype=W.dtype, device=W.device))
+        self.lora_A, self.lora_B = lora_factors(W, r)
         self.positions: _Positions | None = None
         for name, shape in (("rank_importance", (r,)), ("module_importance", ()), ("step_importance", ())):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=W.device))

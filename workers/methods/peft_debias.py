@@ -21,16 +21,10 @@ from peftlab.workers.counterfactual import AXES, augment
 from .base import Calibration, HParam, TaskInfo
 from .registry import register
 from .spectral import RankedWrapping, rank_problems
-from .wrapped import TARGET_MODULES, AdaptedLinear
+from .wrapped import TARGET_MODULES, AdaptedLinear, lora_factors
 
 MASK_PROBABILITY = 0.15
 """BERT's masking: 15% of the tokens, of which 80% become [MASK], 10% a random token, 10% stay."""
-
-
-def _lora_pair(W: torch.Tensor, r: int, trainable: bool) -> tuple[nn.Parameter, nn.Parameter]:
-    A = nn.Parameter(torch.empty(r, W.shape[1], dtype=W.dtype, device=W.device), requires_grad=trainable)
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    return A, nn.Parameter(torch.zeros(W.shape[0], r, dtype=W.dtype, device=W.device), requires_grad=trainable)
 
 
 class DebiasLinear(AdaptedLinear):
@@ -40,8 +34,8 @@ class DebiasLinear(AdaptedLinear):
     def __init__(self, base: nn.Linear, hp: dict) -> None:
         super().__init__(base, hp)
         W = base.weight
-        self.debias_A, self.debias_B = _lora_pair(W, hp["debias_r"], trainable=False)
-        self.task_A, self.task_B = _lora_pair(W, hp["r"], trainable=True)
+        self.debias_A, self.debias_B = lora_factors(W, hp["debias_r"], trainable=False)
+        self.task_A, self.task_B = lora_factors(W, hp["r"])
         self.debias_scaling, self.scaling = hp["alpha"] / hp["debias_r"], hp["alpha"] / hp["r"]
         self.dropout = nn.Dropout(hp["dropout"]) if hp["dropout"] > 0 else nn.Identity()
 

@@ -8,7 +8,6 @@ the model. Both calibrate on training batches after `apply`, before the first op
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,7 @@ from peftlab.errors import UserError
 
 from .base import Calibration, HParam, TaskInfo
 from .registry import register
-from .wrapped import ALL_LINEAR, AdaptedLinear, LinearWrapping, linear_dims, target_names
+from .wrapped import ALL_LINEAR, AdaptedLinear, LinearWrapping, linear_dims, lora_factors, target_names
 
 SPARSE_TARGETS = HParam(
     "target_modules", list, ALL_LINEAR,
@@ -250,9 +249,7 @@ class SptLinear(SparseLinear):
     def set_lora(self, r: int) -> None:
         W = self.base.weight
         self.rank = r
-        self.lora_A = nn.Parameter(torch.empty(r, W.shape[1], dtype=W.dtype, device=W.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(W.shape[0], r, dtype=W.dtype, device=W.device))
+        self.lora_A, self.lora_B = lora_factors(W, r)
         self.set_entries(torch.zeros(0, dtype=torch.long))
 
     def adapted_weight(self) -> torch.Tensor:

@@ -6,6 +6,7 @@ wrapper back into a plain `nn.Linear`.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from peftlab.workers.architectures import no_default
 from .base import TARGET_MODULES, Method, TaskInfo, in_head, not_found, resolve_targets
 
 ALL_LINEAR = "all-linear"
-__all__ = ["ALL_LINEAR", "TARGET_MODULES", "AdaptedLinear", "LinearWrapping", "linear_dims", "target_names"]
+__all__ = ["ALL_LINEAR", "TARGET_MODULES", "AdaptedLinear", "LinearWrapping", "linear_dims", "lora_factors", "target_names"]
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -28,6 +29,17 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     return None
+
+
+def lora_factors(weight: torch.Tensor, r: int, trainable: bool = True) -> tuple[nn.Parameter, nn.Parameter]:
+    """A LoRA pair for a d_out x d_in weight, as LoRA starts it: A (r x d_in) Kaiming-uniform, B (d_out x r)
+    zero, so B A is zero and the adapted layer starts as the frozen one."""
+    A = nn.Parameter(torch.empty(r, weight.shape[1], dtype=weight.dtype, device=weight.device),
+                     requires_grad=trainable)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    B = nn.Parameter(torch.zeros(weight.shape[0], r, dtype=weight.dtype, device=weight.device),
+                     requires_grad=trainable)
+    return A, B
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
