@@ -52,9 +52,10 @@ BIAS_NAMES = tuple(f"{prefix}{name}" for name in ("crows_pairs", "winobias_gap")
 """Scores the trials with curves also carry, once, at their last step (as a trial writes them)."""
 
 
-def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) -> None:
+def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) -> int:
     """Synthetic experiments through the store API, trials and curves as bulk inserts into
-    the same tables (one transaction each), the way the recorder's rows look."""
+    the same tables (one transaction each), the way the recorder's rows look; returns the metric
+    points inserted."""
     store = ResultsStore(url)
     for e in range(experiments):
         store.create_experiment(f"bench-{e:02d}", {"name": f"bench-{e:02d}"}, "hash", "validation/accuracy",
@@ -63,7 +64,7 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     engine = create_engine(url)
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    rows = []
+    rows, inserted = [], 0
     per_experiment = trials // experiments
     with engine.begin() as connection:
         ids = dict(connection.execute(select(Experiment.name, Experiment.id)).all())
@@ -113,7 +114,9 @@ def fill(url: str, trials: int, experiments: int, curves: int, seed: int = 0) ->
                        for row in rows[chunk:min(chunk + 500, curves)] if row["status"] != "FAILED"
                        for name, value in zip(BIAS_NAMES, rng.uniform(40, 70, len(BIAS_NAMES)))]
             connection.execute(insert(TrialMetric), points)
+            inserted += len(points)
     engine.dispose()
+    return inserted
 
 
 def page_queries(connection, filters: Filters) -> dict[str, dict[str, Callable]]:
@@ -192,7 +195,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100_000)
     parser.add_argument("--experiments", type=int, default=20)
     parser.add_argument("--points", type=int, default=5_000_000,
-                        help=f"metric points in all, {POINTS_PER_CURVE} per trial that has curves")
+                        help=f"curve points in all, {POINTS_PER_CURVE} per trial that has curves "
+                             f"(which also gets {len(BIAS_NAMES)} bias scores unless it failed)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per query (median shown)")
     parser.add_argument("--store", help="reuse this SQLite file if it exists, else fill it")
     parser.add_argument("--smoke", action="store_true", help="2,000 trials over 4 experiments, once: seconds")
@@ -208,9 +212,9 @@ def main() -> None:
 def run(url: str, path: Path, args: argparse.Namespace) -> None:
     if not path.exists():
         began = time.perf_counter()
-        fill(url, args.trials, args.experiments, args.curves)
+        points = fill(url, args.trials, args.experiments, args.curves)
         print(f"filled a SQLite store with {args.trials:,} trials over {args.experiments} experiments "
-              f"and {args.curves * POINTS_PER_CURVE:,} metric points ({args.curves:,} trials with curves) in {time.perf_counter() - began:.1f} s; "
+              f"and {points:,} metric points ({args.curves:,} trials with curves) in {time.perf_counter() - began:.1f} s; "
               f"{path.stat().st_size / 2**20:.0f} MiB")
 
     one = Filters(experiment=("bench-00",))
