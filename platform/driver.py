@@ -69,7 +69,7 @@ def smoke(spec: ExperimentSpec) -> ExperimentSpec:
     # Random search with one configuration per method, whatever the spec's algorithm: a grid's
     # every combination is a result, not a check.
     search = spec.search.model_copy(update={
-        "algorithm": "random", "num_samples": len(spec.methods) * SMOKE["num_samples_per_method"]})
+        "algorithm": "random", "num_samples": SMOKE["num_samples_per_method"], "per_method": True})
     seeds = spec.final_seeds[:SMOKE["seeds"]] or None
     return spec.model_copy(update={"name": f"{spec.name}{SMOKE_SUFFIX}", "tasks": tasks, "training": training,
                                    "search": search, "seeds": seeds})

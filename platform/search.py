@@ -60,12 +60,13 @@ def plan_task(spec: ExperimentSpec, index: int, sizes: dict[str, dict] | None = 
             leaves = {**spaces[name].leaves, **{k: Leaf("fixed", (v,)) for k, v in fixed.items()}}
             spaces[name] = MethodSpace(name, leaves)
     seeds = spec.training.seeds
+    samples = spec.search.samples * (len(spaces) if spec.search.per_method else 1)
     configs = None
     if spec.search.algorithm == "random":
-        configs = _with_seeds(_random_configs(spaces, spec.search.samples, random.Random(spec.search.seed + index)), seeds)
+        configs = _with_seeds(_random_configs(spaces, samples, random.Random(spec.search.seed + index)), seeds)
     elif spec.search.algorithm == "grid":
         configs = _with_seeds(_grid_configs(spaces, spec.search.samples), seeds)
-    num_trials = len(configs) if configs is not None else spec.search.samples * len(seeds)
+    num_trials = len(configs) if configs is not None else samples * len(seeds)
     return TaskPlan(task, spec.metric_for(task), spec.mode_for(task), spaces, configs, num_trials)
 
 

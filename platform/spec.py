@@ -122,6 +122,8 @@ class SearchSpec(_Strict):
     """random: balanced over methods; grid: every combination of list values; optuna: TPE."""
     num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
     """Configurations per task (random, optuna; default 4) or repetitions of the grid (grid; default 1)."""
+    per_method: bool = False
+    """random, optuna: `num_samples` configurations for each of a task's methods, instead of in all."""
     scheduler: Literal["fifo", "asha"] = "asha"
     """fifo runs every trial to the end; asha stops the weak ones at rungs (successive halving,
     decided in trial order, so the same on a busy or an idle machine)."""
@@ -521,7 +523,8 @@ def _plan_size_problems(spec: ExperimentSpec) -> list[str]:
                        for m in spec.methods_for(task) if m in spaces)
             what, trials = f"a grid of {grid:,} configurations x {spec.search.samples} repeats", grid * spec.search.samples * seeds
         else:
-            what, trials = f"{spec.search.samples:,} configurations", spec.search.samples * seeds
+            configs = spec.search.samples * (len(spec.methods_for(task)) if spec.search.per_method else 1)
+            what, trials = f"{configs:,} configurations", configs * seeds
         if trials > MAX_TRIALS:
             problems.append(f"tasks[{i}]: {what} x {seeds} seeds is {trials:,} trials, more than "
                             f"the {MAX_TRIALS:,} one task may plan; narrow the search")

@@ -121,6 +121,20 @@ def test_random_configs_are_balanced_seeded_and_conditional():
     assert all(1e-4 <= c["lr"] <= 3e-3 and c["r"] in (4, 8) and c["alpha"] == 16 for c in lora)
 
 
+def test_per_method_samples_count_each_tasks_own_methods():
+    """`per_method`: num_samples configurations of every method a task runs, none twice (what --smoke
+    asks for); without it a task with fewer methods than samples runs some of them twice."""
+    tasks = [{"dataset": "sst2"}, {"dataset": "fomc", "methods": ["lora", "bitfit"]}]
+    spec = parse_spec(with_(tasks=tasks, search__num_samples=1, search__per_method=True))
+    for task_plan, methods in zip(plan(spec), (["lora", "bitfit", "full"], ["lora", "bitfit"])):
+        assert [c["method"] for c in task_plan.configs] == methods and task_plan.num_trials == len(methods)
+    spec = parse_spec(with_(tasks=tasks, search__num_samples=3))
+    assert [c["method"] for c in plan(spec)[1].configs] == ["lora", "bitfit", "lora"]
+    optuna_plan = plan(parse_spec(with_(tasks=tasks, search__algorithm="optuna", search__num_samples=2,
+                                        search__per_method=True)))
+    assert [p.num_trials for p in optuna_plan] == [6, 4]
+
+
 def test_grid_enumerates_list_values_per_method():
     spec = parse_spec(with_(search__algorithm="grid",
                             methods={"lora": {"r": [4, 8, 16], "lr": [1.0e-3, 1.0e-4]}, "bitfit": {"lr": [1.0e-3]}}))
