@@ -393,6 +393,43 @@ def methods_markdown(described: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@app.command()
+@user_errors
+def pretrain(
+    name: Annotated[Optional[str], typer.Argument(help="The backbone to build; none lists them.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: the recipe's).")] = None,
+) -> None:
+    """Build one of peftlab's small pretrained backbones (a decoder, a ViT) from the data dir, for
+    machines that cannot download models; a spec then names it as `model:`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from peftlab.workers import backbones
+
+    if name is None:
+        table = Table(title=f"Backbones (built under {settings.backbones_dir()})", title_justify="left")
+        for column in ("name", "what", "built"):
+            table.add_column(column, overflow="fold")
+        for b in backbones.BACKBONES.values():
+            found = backbones.stamp(b.name)
+            built = (f"{found['steps']} steps, last loss {found['last_loss']}" if found
+                     else f"no (about {b.minutes} min)")
+            table.add_row(b.name, b.summary, built)
+        console.print(table)
+        return
+    with Progress(TextColumn(f"pretraining {name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task(name, total=None, loss=float("nan"))
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=loss)
+
+        record = backbones.build(name, steps=steps, progress=progress)
+    figures = ", ".join(f"{k} {record[k]}" for k in ("first_loss", "last_loss", "validation_accuracy") if k in record)
+    console.print(f"[green]built[/] {name} in {record['seconds']:.0f}s ({record['steps']} steps; {figures}) "
+                  f"at {backbones.folder(name)}")
+
+
 @app.command("eval")
 @user_errors
 def evaluate(

@@ -14,6 +14,7 @@ ENV_RAY_API = "RAY_API_SERVER_ADDRESS"
 ENV_DATA = "PEFTLAB_DATA_DIR"
 ENV_HOME = "PEFTLAB_HOME"
 ENV_RAY_STORAGE = "PEFTLAB_RAY_STORAGE"
+ENV_BACKBONES = "PEFTLAB_BACKBONES"
 
 
 def home() -> Path:
@@ -57,10 +58,20 @@ OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 """Set (to anything but 0), nothing is downloaded: data sets must then be local."""
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftlab"
+
+
 def download_cache() -> Path:
     """Where data sets without a local copy are downloaded to, once."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "peftlab" / "datasets"
+    return cache_root() / "datasets"
+
+
+def backbones_dir() -> Path:
+    """Where `peftlab pretrain` puts the backbones it builds (one folder each). Set
+    PEFTLAB_BACKBONES to a folder every node mounts and a cluster's trials find them too."""
+    value = os.environ.get(ENV_BACKBONES)
+    return Path(value).expanduser().resolve() if value else cache_root() / "backbones"
 
 
 def ray_storage() -> Path:

@@ -117,3 +117,20 @@ def people_csv(tmp_path_factory) -> Path:
     from peftlab.workers.synthetic import write_sentiment_csv
 
     return write_sentiment_csv(tmp_path_factory.mktemp("data") / "people.csv", 240, people=True)
+
+
+BACKBONE_STEPS = 12
+"""Steps of the backbones the suite builds: enough for the loss to fall, seconds each."""
+
+
+@pytest.fixture(scope="session")
+def built_backbones(tmp_path_factory, data_dir) -> Path:
+    """peftlab's decoder and ViT built by their recipes with a few steps each, under PEFTLAB_BACKBONES
+    for the whole session (trials started by the CLI inherit it)."""
+    from peftlab.workers import backbones
+
+    folder = tmp_path_factory.mktemp("backbones")
+    os.environ["PEFTLAB_BACKBONES"] = str(folder)
+    for name in backbones.BACKBONES:
+        backbones.build(name, steps=BACKBONE_STEPS, data_dir=data_dir)
+    return folder

@@ -70,16 +70,21 @@ VISION_ALIASES = {f"resnet{depth}-cifar10": depth for depth in (20, 32, 56)}
 
 
 def resolve_model(name: str) -> str:
-    """An alias, an existing local folder, or (anything else) a Hugging Face Hub id."""
+    """An alias, a backbone peftlab pretrains, an existing local folder, or (anything else) a
+    Hugging Face Hub id."""
+    from peftlab.workers import backbones
+
     if name in ALIASES:
         return ALIASES[name]()
+    if name in backbones.BACKBONES:
+        return backbones.resolve(name)
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
         if not (path / "config.json").is_file():
             raise UserError(f"model path not found or has no config.json: {path}")
         return str(path.resolve())
-    aliases = [*ALIASES, *VISION_ALIASES]
+    aliases = [*ALIASES, *VISION_ALIASES, *backbones.BACKBONES]
     # A near miss of an alias is a typo, not a Hub id: say so before the Hub is asked (and retried).
     if close := difflib.get_close_matches(name, aliases, n=1, cutoff=0.8):
         raise UserError(f"unknown model '{name}': did you mean {close[0]}? (aliases: {', '.join(aliases)}; "
