@@ -412,7 +412,7 @@ def pretrain(
         for b in backbones.BACKBONES.values():
             found = backbones.stamp(b.name)
             built = (f"{found['steps']} steps, last loss {found['last_loss']}" if found
-                     else f"no (about {b.minutes} min)")
+                     else f"no ({b.steps:,} steps)")
             table.add_row(b.name, b.summary, built)
         console.print(table)
         return

@@ -42,7 +42,7 @@ def test_listing_and_missing_backbone(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTLAB_BACKBONES", str(tmp_path / "none"))
     listed = runner.invoke(app, ["pretrain"])
     assert listed.exit_code == 0 and "peftlab-llama" in listed.stdout and "peftlab-vit" in listed.stdout
-    assert listed.stdout.count("no (about") == 2
+    assert listed.stdout.count("no (") == 2
     with pytest.raises(UserError, match=r"run `peftlab pretrain peftlab-vit`"):
         resolve_model("peftlab-vit")
     spec = tmp_path / "vit.yaml"

@@ -33,8 +33,6 @@ class Backbone:
     summary: str
     steps: int
     """Optimizer steps of the recipe."""
-    minutes: int
-    """About how long the recipe takes on two CPU cores, for messages."""
     recipe: int
     """Bumped whenever the recipe changes: a folder built by another recipe is rebuilt, not used."""
     build: Callable[[Path, Path | None, int, Progress], dict]
@@ -191,9 +189,9 @@ def build_vit(folder: Path, data_dir: Path | None, steps: int, progress: Progres
 BACKBONES = {
     b.name: b for b in (
         Backbone("peftlab-llama", "Llama-style decoder, 4 layers, 4.2M parameters; next token on the SST-2, "
-                 "Banking77 and FOMC training sentences", steps=2000, minutes=10, recipe=1, build=build_decoder),
+                 "Banking77 and FOMC training sentences", steps=2000, recipe=1, build=build_decoder),
         Backbone("peftlab-vit", "ViT, 6 layers, 2.7M parameters, 28x28 grey; classifies MNIST's training digits",
-                 steps=1000, minutes=5, recipe=1, build=build_vit),
+                 steps=1000, recipe=1, build=build_vit),
     )
 }
 
@@ -216,7 +214,7 @@ def resolve(name: str) -> str:
     backbone = BACKBONES[name]
     if stamp(name) is None:
         raise UserError(f"model '{name}' is built on this machine before use: run `peftlab pretrain {name}` "
-                        f"(about {backbone.minutes} min on two CPU cores; it reads {settings.ENV_DATA})")
+                        f"({backbone.steps:,} optimizer steps on the CPU; it reads {settings.ENV_DATA})")
     return str(folder(name))
 
 
