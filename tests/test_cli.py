@@ -366,6 +366,9 @@ def test_methods_matrix_says_where_each_method_applies_and_why_not():
     assert {label for label, problems in cells["vpt"].items() if not problems} == {"image-classification (ViT)"}
     assert "needs a sequence of image patch tokens" in cells["vpt"]["text-classification (BERT)"][0]
     assert "needs a new task head, which causal-lm tasks do not offer" in cells["linear_probe"]["causal-lm (GPT-2)"][0]
+    # BitFit where a Llama-style decoder has no bias terms and a causal LM no new head: nothing to train.
+    assert {label for label, problems in cells["bitfit"].items() if problems} == {"causal-lm (Llama)"}
+    assert "has none; with no new head on causal-lm tasks, nothing would train" in cells["bitfit"]["causal-lm (Llama)"][0]
     table = runner.invoke(app, ["methods", "--matrix"])
     assert table.exit_code == 0 and "no [1]" in table.stdout and "[1] " in table.stdout
 

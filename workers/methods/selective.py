@@ -6,6 +6,8 @@ from abc import abstractmethod
 
 from torch import nn
 
+from peftlab.workers.architectures import describe
+
 from .base import Method, TaskInfo, in_head
 from .registry import register
 
@@ -67,3 +69,10 @@ class BitFit(Selective):
 
     def trains(self, param_name: str) -> bool:
         return param_name.rsplit(".", 1)[-1] == "bias"
+
+    def _problems(self, model: nn.Module, hp: dict, task: TaskInfo) -> list[str]:
+        if self._count(model, hp, task) or task.head_modules:
+            return []
+        # Llama-style decoders have no bias terms (RMSNorm, bias-free projections) and a causal LM no new head.
+        return [f"method bitfit trains bias terms, and {describe(model)} has none; with no new head on "
+                f"{task.type} tasks, nothing would train"]
